@@ -1,0 +1,309 @@
+"""The one transformer every diffusion objective shares.
+
+Read top to bottom: helpers, rotary embeddings, time conditioning, attention, MLP,
+block, then :class:`Backbone`. Pre-norm blocks with rotary positions; with
+``use_cond`` every block (and the final norm) is modulated by the noise level
+through adaLN-Zero (DiT, Peebles & Xie 2023): shift/scale after the norm and a gate
+on the residual branch, all produced by zero-initialised linears so each block starts
+as the identity. Bidirectional by default; ``cfg.causal`` gives the AR baseline.
+
+The model knows nothing of parallelism: ``Backbone.blocks`` is a ModuleList that
+distributed code wraps (activation checkpointing, FSDP) from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dlmtrain.backbone.attention import AttentionPlan
+
+
+def segment_ids_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document index per position; the EOS token belongs to the document it ends.
+
+    ``[a b EOS c d EOS e] -> [0 0 0 1 1 1 2]``.
+    """
+    is_eos = (input_ids == eos_id).long()
+    return is_eos.cumsum(-1) - is_eos
+
+
+def ffn_width(cfg) -> int:
+    """MLP hidden width: mlp_ratio * hidden_size rounded up to a multiple of 64."""
+    return 64 * math.ceil(cfg.mlp_ratio * cfg.hidden_size / 64)
+
+
+def make_norm(cfg) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=1e-6)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=1e-6, bias=False)
+    raise ValueError(f"model.norm={cfg.norm!r} is not one of: rmsnorm, layernorm")
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer, Su et al. 2021), rotate-half layout.
+
+    cos/sin tables are computed on the fly and cached per (length, device) in eager
+    mode; nothing is stored in the state dict.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._cache: dict = {}
+
+    def _tables(self, positions: torch.Tensor):
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=positions.device).float() / self.head_dim)
+        freqs = positions.float()[..., None] * inv_freq  # [..., L, D/2]
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, L: int, device, position_ids: torch.Tensor | None = None):
+        """(cos, sin), each [L, D/2] or [B, L, D/2] for explicit position_ids."""
+        if position_ids is not None:
+            return self._tables(position_ids)
+        if torch.compiler.is_compiling():
+            return self._tables(torch.arange(L, device=device))
+        key = (L, str(device))
+        if key not in self._cache:
+            self._cache[key] = self._tables(torch.arange(L, device=device))
+        return self._cache[key]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D]; cos/sin [L, D/2] or [B, L, D/2]. Computed in float32."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+class TimeEmbedding(nn.Module):
+    """sigma [B] -> sinusoidal features -> MLP -> [B, cond_dim].
+
+    sigma is embedded as given (frequencies 1 ... 1e-4 rad per unit); objectives choose
+    whether they pass t in [0, 1] or a noise level.
+    """
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.dim = cond_dim
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device).float() / half)
+        args = sigma.float()[:, None] * freqs
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)
+        if self.dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return self.mlp(emb)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.proj.residual = True  # scaled init
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, plan: AttentionPlan):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, C // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = plan(q, k, v, self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, C)))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020) or GELU-tanh; width from :func:`ffn_width`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"model.mlp={cfg.mlp!r} is not one of: swiglu, gelu")
+        self.gated = cfg.mlp == "swiglu"
+        width = ffn_width(cfg)
+        self.up = nn.Linear(cfg.hidden_size, (2 if self.gated else 1) * width, bias=False)
+        self.down = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.down.residual = True  # scaled init
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.gated:
+            gate, val = h.chunk(2, dim=-1)
+            h = F.silu(gate) * val
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.drop(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP; with ``use_cond`` adaLN-Zero modulated."""
+
+    def __init__(self, cfg, use_cond: bool):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), SelfAttention(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.ada = nn.Linear(cfg.cond_dim, 6 * cfg.hidden_size) if use_cond else None
+        if self.ada is not None:
+            self.ada.zero_init = True
+
+    def forward(self, x, rope, plan: AttentionPlan, c: torch.Tensor | None = None):
+        if self.ada is None:
+            x = x + self.attn(self.norm1(x), rope, plan)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, plan)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class VocabHead(nn.Linear):
+    """Output projection computed in float32, also under bf16 autocast."""
+
+    def forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float32 (float64 stays float64)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
+class Backbone(nn.Module):
+    """Token ids or embeddings (+ optional noise level) -> float32 logits [B, L, out_dim].
+
+    Args:
+        cfg: a ModelConfig-like object (dataclass or DictConfig; attributes are read).
+        vocab_size: rows of the token embedding (including objective-added ids such as [MASK]).
+        use_cond: build adaLN-Zero conditioning on ``sigma``.
+        out_dim: output width (default vocab_size). Tied to the embedding only when
+            ``cfg.tie_weights`` and ``out_dim == vocab_size``.
+    """
+
+    def __init__(self, cfg, vocab_size: int, use_cond: bool = False, out_dim: int | None = None):
+        super().__init__()
+        if cfg.hidden_size % cfg.n_heads or (cfg.hidden_size // cfg.n_heads) % 2:
+            raise ValueError(f"hidden_size={cfg.hidden_size} must split into n_heads={cfg.n_heads} heads of even width")
+        self.cfg, self.vocab_size, self.use_cond = cfg, vocab_size, use_cond
+        self.out_dim = out_dim or vocab_size
+        self.causal, self.document_mask, self.eos_id = bool(cfg.causal), bool(cfg.document_mask), int(cfg.eos_id)
+        self.backend = str(cfg.attn_backend)
+
+        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg.hidden_size // cfg.n_heads, cfg.rope_theta)
+        self.time = TimeEmbedding(cfg.cond_dim) if use_cond else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, use_cond) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size) if use_cond else None
+        self.head = VocabHead(cfg.hidden_size, self.out_dim, bias=False)
+        self.tied = bool(cfg.tie_weights) and self.out_dim == vocab_size
+        if self.tied:
+            self.head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """normal(0, init_std) everywhere; residual projections / sqrt(2 n_layers);
+        adaLN modulation zero; untied head zero (uniform predictions at init)."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                s = std / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "residual", False) else std
+                nn.init.normal_(m.weight, 0.0, s)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(m.weight)
+        for m in [b.ada for b in self.blocks] + [self.final_ada]:
+            if m is not None:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        if not self.tied:
+            nn.init.zeros_(self.head.weight)
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, sigma=None, segment_ids=None,
+                attention_mask=None, attn_mask=None, position_ids=None) -> torch.Tensor:
+        """See the class docstring; the masks combine with AND (see attention.py).
+
+        input_ids [B, L] or inputs_embeds [B, L, hidden] (exactly one); sigma [B] (used iff
+        use_cond); segment_ids [B, L]; attention_mask [B, L] bool (True = real token);
+        attn_mask bool broadcastable to [B, H, L, L] (True = may attend); position_ids
+        [B, L] (rotary positions; default 0..L-1).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, L, _ = x.shape
+
+        c = None
+        if self.use_cond:
+            if sigma is None:
+                raise ValueError("this backbone is time-conditioned (use_cond=True): pass sigma [B]")
+            sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(B)
+            c = F.silu(self.time(sigma))
+
+        if segment_ids is None and self.document_mask:
+            if input_ids is None:
+                raise ValueError("model.document_mask needs segment_ids when inputs_embeds are given")
+            if self.eos_id < 0:
+                raise ValueError("model.document_mask needs model.eos_id >= 0 (or pass segment_ids)")
+            segment_ids = segment_ids_from_eos(input_ids, self.eos_id)
+        plan = AttentionPlan(causal=self.causal, segment_ids=segment_ids, key_padding_mask=attention_mask,
+                             attn_mask=attn_mask, backend=self.backend)
+        rope = self.rotary(L, x.device, position_ids)
+
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, plan, c)
+        x = self.norm(x)
+        if self.final_ada is not None:
+            shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.head(x)
+
+
+def count_params(module: nn.Module, non_embedding: bool = False) -> int:
+    """Number of (unique) parameters; ``non_embedding`` leaves out token embeddings and
+    the output head (the vocabulary-sized matrices), as in Kaplan et al. 2020."""
+    skip = set()
+    if non_embedding:
+        for m in module.modules():
+            if isinstance(m, (nn.Embedding, VocabHead)):
+                skip.update(id(p) for p in m.parameters())
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
+
+
+def param_summary(module: nn.Module) -> str:
+    """Parameter counts per top-level child, the total and the non-embedding total."""
+    rows = [(name, count_params(child)) for name, child in module.named_children()]
+    rows = [r for r in rows if r[1]]
+    rows += [("total", count_params(module)), ("non-embedding", count_params(module, non_embedding=True))]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {n:>15,}" for name, n in rows)
+
+
+def flops_per_token(cfg, seq_len: int, vocab_size: int) -> float:
+    """Training (forward + backward) FLOPs per token, PaLM appendix B / Chinchilla style.
+
+    6 * N_matmul + 12 * n_layers * hidden * seq_len, where N_matmul counts the weights of
+    every per-token matmul (attention qkv + out, MLP, output head hidden x vocab_size;
+    not the embedding lookup, norms or the per-sequence time conditioning), and the
+    second term is QK^T and AV (2 * 2 * L * hidden per layer forward, x3 for backward).
+    The attention term is not halved for causal models (the PaLM convention).
+    """
+    h, n = cfg.hidden_size, cfg.n_layers
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * h * ffn_width(cfg)
+    n_matmul = n * (4 * h * h + mlp) + h * vocab_size
+    return 6.0 * n_matmul + 12.0 * n * h * seq_len

@@ -1,0 +1,40 @@
+"""Tokens per second on the progress bar and in the logs."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class Throughput(L.Callback):
+    """Logs ``train/tokens_per_s`` (all ranks together, averaged over the last
+    ``window`` optimizer steps) and ``train/tokens`` (consumed so far)."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+        self._t0 = None
+        self._tokens_since = 0
+        self._steps_since = 0
+        self.tokens = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = batch["input_ids"].numel() * trainer.world_size
+        self.tokens += n
+        self._tokens_since += n
+        self._steps_since += 1
+        if self._steps_since >= self.window:
+            dt = time.perf_counter() - self._t0
+            pl_module.log("train/tokens_per_s", self._tokens_since / dt, prog_bar=True, on_step=True, on_epoch=False)
+            self._t0, self._tokens_since, self._steps_since = time.perf_counter(), 0, 0
+        pl_module.log("train/tokens", float(self.tokens), on_step=True, on_epoch=False)
+
+    def state_dict(self):
+        return {"tokens": self.tokens}
+
+    def load_state_dict(self, state):
+        self.tokens = int(state.get("tokens", 0))

@@ -1,0 +1,67 @@
+"""`dlmtrain train|bench`: the one entry point.
+
+User mistakes (dlmtrain.errors.UserError) end with one line on stderr and their
+exit code (2 for bad input); everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dlmtrain.errors import UserError
+
+
+def _train(args) -> int:
+    from dlmtrain.config import load_config
+    from dlmtrain.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _bench(args) -> int:
+    return args.bench_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlmtrain", description="Pretrain diffusion language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser(
+        "train",
+        help="train from a config",
+        description="Train from CONFIG (a YAML under configs/) with key=value overrides, e.g. "
+        "`dlmtrain train configs/demo.yaml model=small optim.lr=1e-3`. Re-running resumes from the run's last.ckpt.",
+    )
+    tr.add_argument("config", help="YAML config file (path, or relative to configs/)")
+    tr.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
+    tr.set_defaults(func=_train)
+
+    be = sub.add_parser("bench", help="benchmarks (model throughput/MFU, data loader)")
+    bsub = be.add_subparsers(dest="bench", required=True)
+    from dlmtrain.bench import data as bench_data
+    from dlmtrain.bench import model as bench_model
+
+    for name, mod, text in (("model", bench_model, "forward+backward tokens/s and MFU"), ("data", bench_data, "shard reading tokens/s per worker")):
+        sp = bsub.add_parser(name, help=text, description=text)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=_bench, bench_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"dlmtrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dlmtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

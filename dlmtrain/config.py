@@ -1,0 +1,312 @@
+"""Typed config schema, YAML composition and validation.
+
+A run config is a YAML file under ``configs/`` with an optional ``defaults`` list
+naming one file per group (``model``, ``objective``, ``data``, ``optim``,
+``trainer``)::
+
+    defaults:
+      - model: tiny
+      - objective: mdlm
+    trainer:
+      max_steps: 200
+
+Composition order (later wins): schema defaults, group files in the order listed,
+the file body, then command-line overrides. An override is either a group choice
+(``model=small``) or a dotted key (``optim.lr=1e-3``). The result is a struct-mode
+OmegaConf object typed by :class:`Config`: unknown keys and wrong types raise
+:class:`ConfigError` naming the key and close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dlmtrain.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "objective", "data", "optim", "trainer")
+
+
+@dataclass
+class ModelConfig:
+    """The shared backbone. Named sizes live in configs/model/<name>.yaml."""
+
+    name: str = "tiny"
+    vocab_size: int = 0  # data vocabulary (0: taken from the data's tokenizer)
+    eos_id: int = -1  # end-of-document id; needed by document_mask (-1: from data)
+    mask_id: int = -1  # [MASK] id (-1: the objective appends one at vocab_size)
+    hidden_size: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    mlp: str = "swiglu"  # swiglu | gelu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    tie_weights: bool = False
+    cond_dim: int = 128  # width of the time/noise-level embedding (adaLN-Zero)
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    document_mask: bool = False  # attention never crosses an EOS document boundary
+    causal: bool = False  # causal attention (autoregressive baseline)
+    attn_backend: str = "auto"  # auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash
+    init_std: float = 0.02
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mdlm"
+    schedule: str = "loglinear"  # loglinear | linear | cosine
+    eps: float = 1e-3  # t is drawn from [eps, 1] (avoids the 1/t blow-up at t=0)
+    time_conditioning: bool = False  # feed the noise level to the backbone (adaLN)
+    antithetic: bool = True  # stratified t over the global batch (lower variance)
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from. See dlmtrain/data/."""
+
+    kind: str = "shards"  # shards (webdataset manifest) | tokens (in-memory, tests)
+    manifest: str = ""  # path/URL of manifest.json; "" builds the embedded default corpus
+    cache_dir: str = "~/.cache/dlmtrain"  # where the embedded default corpus is prepared
+    seq_len: int = 128  # tokens per sequence for the embedded default corpus
+    vocab_size: int = 2048  # BPE size trained for the embedded default corpus
+    val_fraction: float = 0.02
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    on_corrupt: str = "fail"  # fail | skip
+    max_val_samples: int = 0  # 0: the whole validation split
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # never applied to norms, biases or embeddings
+    warmup_steps: int = 100
+    decay: str = "constant"  # constant | cosine | linear (after warmup)
+    min_lr_ratio: float = 0.1  # floor of cosine/linear decay, as a fraction of lr
+    grad_clip: float = 1.0  # 0 disables
+    ema: float = 0.9999  # 0 disables the EMA
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 32  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 0  # per device; 0: global / world (no accumulation)
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    val_every_n_steps: int = 250
+    limit_val_batches: int = 0  # 0: the whole validation stream
+    val_before_training: bool = True  # validate the initial weights on a fresh start
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 250
+    save_top_k: int = 1  # best checkpoints by val/nelbo, beside last.ckpt
+    compile: bool = False
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "dlmtrain"
+    entity: str = ""
+    mode: str = "auto"  # auto (offline when no API key) | online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    nelbo_samples: int = 1  # Monte Carlo draws of t per sequence in validation
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = ""  # "" -> runs/<name>
+    resume: str = "auto"  # auto (last.ckpt in dir if present) | never | <path>
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            out.append(full)
+            out.extend(_keys(node[k], full + "."))
+    return out
+
+
+def _unknown_key_message(key: str, where: str, schema: DictConfig) -> str:
+    known = _keys(schema)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:  # match on the last component too ("optim.lrr" ~ "optim.lr")
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in known if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [x.rsplit(".", 1)[-1] for x in known], n=3, cutoff=0.7)][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see dlmtrain/config.py for the schema"
+    return f"unknown config key '{key}' in {where}{hint}"
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or e.key or "?"
+        raise ConfigError(_unknown_key_message(str(key), where, base)) from None
+    except ValidationError as e:
+        raise ConfigError(f"bad value for '{e.full_key}' in {where}: {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config in {where}: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    return node
+
+
+def _group_file(group: str, name: str, where: str) -> Path:
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"no {group} config named '{name}' (from {where}); choose one of: {', '.join(options)}")
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``path`` (a YAML file; None for schema defaults) with ``overrides``."""
+    overrides = list(overrides or [])
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+
+    body = OmegaConf.create({})
+    choices: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file() and (CONFIG_DIR / path).is_file():
+            path = CONFIG_DIR / path
+        body = _read_yaml(path)
+        defaults = body.pop("defaults", []) if "defaults" in body else []
+        for item in defaults:
+            if not isinstance(item, DictConfig) or len(item) != 1:
+                raise ConfigError(f"{path}: each defaults entry must be 'group: name', got {item}")
+            (group, name), = item.items()
+            if group not in GROUPS:
+                raise ConfigError(f"{path}: unknown config group '{group}' in defaults; groups are {', '.join(GROUPS)}")
+            choices[str(group)] = str(name)
+
+    dotted = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key=value (e.g. optim.lr=1e-3 or model=small)")
+        key, _, value = ov.partition("=")
+        if key in GROUPS:
+            choices[key] = value
+        else:
+            dotted.append(ov)
+
+    for group, name in choices.items():
+        node = _read_yaml(_group_file(group, name, "overrides" if group in {o.split('=')[0] for o in overrides} else str(path)))
+        cfg = _merge(cfg, {group: node}, f"configs/{group}/{name}.yaml")
+        if group == "model":
+            cfg.model.name = name
+        if group == "objective" and "name" not in node:
+            cfg.objective.name = name
+    cfg = _merge(cfg, body, str(path))
+    for ov in dotted:
+        try:
+            node = OmegaConf.from_dotlist([ov])
+        except Exception as e:
+            raise ConfigError(f"cannot parse override '{ov}': {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, node, f"override '{ov}'")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "model.mlp": ("swiglu", "gelu"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.attn_backend": ("auto", "sdpa", "flash"),
+    "objective.schedule": ("loglinear", "linear", "cosine"),
+    "optim.decay": ("constant", "cosine", "linear"),
+    "data.kind": ("shards", "tokens"),
+    "data.on_corrupt": ("fail", "skip"),
+    "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need more than a type: choices and value ranges."""
+    for key, options in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in options:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
+    m = cfg.model
+    if m.hidden_size % m.n_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.n_heads={m.n_heads}")
+    if (m.hidden_size // m.n_heads) % 2:
+        raise ConfigError("model.hidden_size / model.n_heads must be even (rotary embeddings rotate pairs)")
+    if not 0 < cfg.objective.eps < 1:
+        raise ConfigError(f"objective.eps={cfg.objective.eps} must lie in (0, 1)")
+    t = cfg.trainer
+    if t.global_batch_size < 1 or t.micro_batch_size < 0:
+        raise ConfigError("trainer.global_batch_size must be >= 1 and trainer.micro_batch_size >= 0")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+    if not 0 <= cfg.optim.ema < 1:
+        raise ConfigError(f"optim.ema={cfg.optim.ema} must lie in [0, 1)")
+
+
+def batch_split(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """(per-device micro-batch, gradient-accumulation steps) for a global batch."""
+    if micro_batch_size == 0:
+        if global_batch_size % world_size:
+            raise ConfigError(
+                f"trainer.global_batch_size={global_batch_size} is not divisible by the world size {world_size}; "
+                "choose a multiple of it"
+            )
+        return global_batch_size // world_size, 1
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} is not divisible by micro_batch_size x world size "
+            f"= {micro_batch_size} x {world_size}; change one of them"
+        )
+    return micro_batch_size, global_batch_size // per_step
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,79 @@
+"""Absorbing-state (masked) diffusion: MDLM with the SUBS parameterization.
+
+Sahoo et al., 2024, "Simple and Effective Masked Diffusion Language Models" (MDLM).
+Forward process: each token independently stays clean with probability alpha(t)
+and becomes [MASK] otherwise. SUBS (MDLM sec. 3.2.3): the denoiser puts zero mass
+on [MASK] and copies unmasked tokens through, so only masked positions carry loss.
+
+Continuous-time NELBO (MDLM eq. 10), per sequence:
+    int_0^1  -alpha'(t)/(1-alpha(t)) * E_{z_t} sum_{i: z_t^i = MASK} -log p(x^i | z_t)  dt
+
+Clipping at t = eps. The integrand's variance blows up as t -> 0 (weight ~ 1/t), so
+the part of the integral below eps is replaced by a one-shot reconstruction term:
+decode every token still masked at z_eps from p(. | z_eps). This is a valid bound on
+its own (a generative process that runs the diffusion down to eps and then decodes),
+and we estimate it without an extra forward pass: draw t ~ U[0, 1]; when t >= eps use
+the diffusion integrand at t, when t < eps (probability eps) use the reconstruction
+term at eps divided by eps. Both cases corrupt at tau = max(t, eps), and the per-token
+weight is  w(t) = -alpha'(t)/(1-alpha(t))  for t >= eps  and  1/eps  below it. The
+estimator is unbiased for   int_eps^1 (diffusion) dt + (reconstruction at eps), and
+its variance stays bounded. With exact conditionals the bound is tight: its
+expectation is -log p(x) (tests/diffusion/test_masked.py checks this on Markov sources).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlmtrain.diffusion.schedules import Schedule
+
+
+def corrupt(x0: torch.Tensor, move_prob: torch.Tensor, mask_id: int, generator=None, keep=None) -> torch.Tensor:
+    """Replace each token of x0 [B, L] by mask_id with probability move_prob [B] (or [B, L]).
+    Positions where ``keep`` [B, L] is True are never masked (padding, known boundaries)."""
+    p = move_prob if move_prob.dim() == 2 else move_prob[:, None]
+    u = torch.rand(x0.shape, generator=generator, device="cpu" if generator is not None else x0.device).to(x0.device)
+    masked = u < p
+    if keep is not None:
+        masked &= ~keep
+    return torch.where(masked, torch.full_like(x0, mask_id), x0)
+
+
+def time_weights(t: torch.Tensor, schedule: Schedule, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau, weight) for times t ~ U[0, 1): tau = max(t, eps) is where to corrupt;
+    weight multiplies each masked token's cross-entropy (see module docstring)."""
+    tau = t.clamp_min(eps)
+    w = torch.where(t >= eps, schedule.weight(tau), torch.full_like(tau, 1.0 / eps))
+    return tau, w
+
+
+def subs_logits(logits: torch.Tensor, z_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: log-probabilities with -inf on [MASK] and unmasked tokens copied through.
+    logits [B, L, V] float32 -> log p(x0 | z_t) [B, L, V]."""
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1)
+    carry = z_t != mask_id
+    onehot = torch.full_like(logp, float("-inf"))
+    onehot.scatter_(-1, z_t.unsqueeze(-1), 0.0)
+    return torch.where(carry.unsqueeze(-1), onehot, logp)
+
+
+def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, z_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """-log p(x0^i | z_t) under SUBS at masked positions, 0 elsewhere: [B, L].
+
+    Computed only where z_t is masked (unmasked positions cost exactly 0 under SUBS),
+    without materialising the full SUBS distribution."""
+    masked = z_t == mask_id
+    out = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+    if masked.any():
+        sel = logits[masked].float()  # [M, V]
+        sel[:, mask_id] = float("-inf")
+        nll = torch.logsumexp(sel, dim=-1) - sel.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)
+        out[masked] = nll
+    return out
+
+
+def nelbo_per_token(nll: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-token NELBO contributions [B, L] from masked-token NLLs and per-sequence weights [B]."""
+    return nll * weight[:, None]

@@ -1,0 +1,19 @@
+"""One LightningModule per objective; all share modules/base.py and the backbone."""
+
+from dlmtrain.errors import ConfigError
+
+
+def _objectives():
+    from dlmtrain.modules.mdlm import MDLM
+
+    return {"mdlm": MDLM}
+
+
+def build_module(cfg):
+    objectives = _objectives()
+    name = cfg.objective.name
+    if name not in objectives:
+        raise ConfigError(f"objective.name='{name}' is not implemented; choose one of: {', '.join(objectives)}")
+    if cfg.model.vocab_size <= 0:
+        raise ConfigError("model.vocab_size is not set: pass model.vocab_size=N, or train on data that provides it")
+    return objectives[name](cfg)

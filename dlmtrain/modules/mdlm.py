@@ -1,0 +1,67 @@
+"""MDLM: masked diffusion with SUBS on the shared backbone (math in diffusion/masked.py).
+
+With ``model.document_mask`` the backbone is told the document boundaries of the
+clean sequence. The boundaries then reveal where every EOS is, so EOS tokens are
+never masked and not scored: the bound is on -log p(x | document boundaries), over
+the non-EOS tokens. Without document masking it is the plain bound on -log p(x).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from dlmtrain.backbone import Backbone, segment_ids_from_eos
+from dlmtrain.diffusion.masked import corrupt, masked_token_nll, time_weights
+from dlmtrain.diffusion.schedules import get_schedule, stratified_times
+from dlmtrain.errors import ConfigError
+from dlmtrain.modules.base import DiffusionModule
+
+
+class MDLM(DiffusionModule):
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        m, o = cfg.model, cfg.objective
+        if m.document_mask and m.eos_id < 0:
+            raise ConfigError("model.document_mask=true needs model.eos_id (the data's EOS id); set it or disable document_mask")
+        self.mask_id = m.mask_id if m.mask_id >= 0 else m.vocab_size
+        self.schedule = get_schedule(o.schedule)
+        self.backbone = Backbone(m, vocab_size=max(m.vocab_size, self.mask_id + 1), use_cond=o.time_conditioning)
+
+    def _fixed(self, input_ids, attention_mask):
+        """Positions never corrupted and never scored: padding, and EOS under document masking."""
+        fixed = torch.zeros_like(input_ids, dtype=torch.bool) if attention_mask is None else ~attention_mask.bool()
+        if self.cfg.model.document_mask:
+            fixed |= input_ids == self.cfg.model.eos_id
+        return fixed
+
+    def scored_tokens(self, input_ids, attention_mask=None):
+        return (~self._fixed(input_ids, attention_mask)).sum(-1)
+
+    def _token_nelbo(self, x0, t, attention_mask=None, segment_ids=None, generator=None) -> torch.Tensor:
+        """One Monte Carlo draw of the per-token NELBO contributions [B, L] at times t [B]."""
+        o = self.cfg.objective
+        tau, w = time_weights(t, self.schedule, o.eps)
+        z = corrupt(x0, 1.0 - self.schedule.alpha(tau), self.mask_id, generator, keep=self._fixed(x0, attention_mask))
+        if segment_ids is None and self.cfg.model.document_mask:
+            segment_ids = segment_ids_from_eos(x0, self.cfg.model.eos_id)
+        sigma = self.schedule.sigma(tau) if o.time_conditioning else None
+        logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask)
+        return masked_token_nll(logits, x0, z, self.mask_id) * w[:, None]
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        x0, am = batch["input_ids"], batch.get("attention_mask")
+        rank, world = self.rank_and_world
+        b = x0.shape[0]
+        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic, device=x0.device)
+        per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"))
+        return per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)
+
+    def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
+        total = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        for _ in range(num_samples):
+            t = stratified_times(
+                input_ids.shape[0], antithetic=self.cfg.objective.antithetic, generator=generator, device=input_ids.device
+            )
+            total += self._token_nelbo(input_ids, t, attention_mask, segment_ids, generator).sum(-1)
+        return total / num_samples
