@@ -32,7 +32,8 @@ def corrupt(x0: torch.Tensor, move_prob: torch.Tensor, mask_id: int, generator=N
     """Replace each token of x0 [B, L] by mask_id with probability move_prob [B] (or [B, L]).
     Positions where ``keep`` [B, L] is True are never masked (padding, known boundaries)."""
     p = move_prob if move_prob.dim() == 2 else move_prob[:, None]
-    u = torch.rand(x0.shape, generator=generator, device="cpu" if generator is not None else x0.device).to(x0.device)
+    u = torch.rand(x0.shape, generator=generator, device=generator.device if generator is not None else x0.device)
+    u = u.to(x0.device)
     masked = u < p
     if keep is not None:
         masked &= ~keep

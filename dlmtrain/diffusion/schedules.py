@@ -102,7 +102,7 @@ def stratified_times(
     total = world * n) covers [0, 1) evenly without communication; otherwise i.i.d.
     The strata are dealt to rows in random order, so each row's time is marginally
     U[0, 1) and its own estimate unbiased (row 0 must not always get the smallest t)."""
-    gen_device = "cpu" if generator is not None else device
+    gen_device = generator.device if generator is not None else device
     u = torch.rand(n, generator=generator, device=gen_device)
     if antithetic:
         total = total or n

@@ -84,12 +84,24 @@ class DiffusionModule(L.LightningModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
+    def step_generator(self, device) -> torch.Generator:
+        """The training step's randomness (times, masks), a pure function of (seed, step,
+        micro-batch, rank): a resumed run draws exactly what the uninterrupted run would have."""
+        if getattr(self, "_gen", None) is None or self._gen.device != torch.device(device):
+            self._gen = torch.Generator(device=device)
+        rank, _ = self.rank_and_world
+        accum = self.trainer.accumulate_grad_batches if self._trainer else 1
+        micro = getattr(self, "_batch_idx", 0) % accum
+        self._gen.manual_seed(((self.cfg.trainer.seed * 1_000_003 + self.global_step) * 1024 + micro) * 65536 + rank)
+        return self._gen
+
     # ---- training --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.ema is None and self.cfg.optim.ema > 0:
             self.ema = EMA(self.backbone, self.cfg.optim.ema)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss

@@ -53,8 +53,11 @@ class MDLM(DiffusionModule):
         x0, am = batch["input_ids"], batch.get("attention_mask")
         rank, world = self.rank_and_world
         b = x0.shape[0]
-        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic, device=x0.device)
-        per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"))
+        g = self.step_generator(x0.device)
+        t = stratified_times(
+            b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic, generator=g, device=x0.device
+        )
+        per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g)
         return per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)
 
     def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
