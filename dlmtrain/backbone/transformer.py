@@ -78,9 +78,10 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D]; cos/sin [L, D/2] or [B, L, D/2]. Computed in float32."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by the angles in cos/sin (rotate-half layout).
+
+    cos/sin broadcast against x[..., :D/2]; the rotation runs in float32.
+    """
     x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
@@ -120,9 +121,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, plan: AttentionPlan):
         B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, C // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, C // self.n_heads)
+        cos, sin = (t.unsqueeze(-2).unsqueeze(-2) for t in rope)  # [(B,) L, 1, 1, D/2]
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # q and k rotated in one go
+        q, k, v = (t.transpose(1, 2) for t in (*qk.unbind(2), qkv[:, :, 2]))  # [B, H, L, D]
         y = plan(q, k, v, self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, C)))
 

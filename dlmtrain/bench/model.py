@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cond", action="store_true", help="build adaLN time conditioning and pass sigma")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak TFLOP/s for MFU (default: datasheet bf16 dense for known GPUs)")
+    parser.add_argument("--fp32-matmul", choices=("highest", "high"), default="high",
+                        help="torch.set_float32_matmul_precision: 'high' lets the float32 output head use TF32 on CUDA")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                              f"model.attn_backend={args.backend}"]).model
     V, B, L = args.vocab_size, args.batch_size, args.seq_len
 
+    torch.set_float32_matmul_precision(args.fp32_matmul)
     torch.manual_seed(0)
     model = Backbone(cfg, V, use_cond=args.cond).to(device).train()
     n_params = count_params(model)
@@ -123,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         "backend": args.backend,
         "compile": bool(args.compile),
         "cond": bool(args.cond),
+        "fp32_matmul": args.fp32_matmul,
         "tokens_per_s": round(tokens_s, 1),
         "ms_per_step": round(1000 * elapsed / args.steps, 2),
         "tflops_per_s": round(tflops, 3),

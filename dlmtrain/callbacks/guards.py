@@ -50,7 +50,8 @@ class GracefulStop(L.Callback):
         self.requested = True
         print(f"\n[dlmtrain] received {signal.Signals(signum).name}: saving {self.last_path} after this step", flush=True)
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):
+        # After Lightning registers its own SIGTERM handler, so ours replaces it.
         import threading
 
         if threading.current_thread() is not threading.main_thread():

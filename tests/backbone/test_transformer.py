@@ -189,7 +189,7 @@ def test_rotary_matches_naive_rotation():
     D, L = 8, 6
     cos, sin = Rotary(D, 10000.0)(L, "cpu")
     x = torch.randn(1, 1, L, D)
-    got = apply_rotary(x, cos, sin)
+    got = apply_rotary(x, cos, sin)  # cos/sin [L, D/2] broadcast over [B, H, L, D]
     want = torch.empty_like(x)
     for p in range(L):
         for i in range(D // 2):

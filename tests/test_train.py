@@ -1,0 +1,152 @@
+"""`dlmtrain train` end to end on a small prepared corpus: loss falls, files land,
+an interrupted run resumes to exactly the state of an uninterrupted one."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dlmtrain import load_config
+from dlmtrain.train import train
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "text"
+    src.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "diffusion", "model", "token", "mask"]
+    g = torch.Generator().manual_seed(0)
+    for i in range(40):
+        idx = torch.randint(0, len(words), (60,), generator=g).tolist()
+        (src / f"doc{i:03d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
+    out = root / "shards"
+    r = subprocess.run(
+        [sys.executable, "-m", "data_prep", str(src), "--out", str(out), "--tokenizer", "bytes",
+         "--seq-len", "64", "--val-fraction", "0.1"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return out / "manifest.json"
+
+
+def config(manifest, run_dir, *extra):
+    return load_config(
+        "configs/demo.yaml",
+        [f"data.manifest={manifest}", f"run.dir={run_dir}", "data.num_workers=0", "trainer.max_steps=40",
+         "trainer.global_batch_size=16", "trainer.val_every_n_steps=20", "trainer.limit_val_batches=4",
+         "trainer.ckpt_every_n_steps=10", "trainer.progress_bar=false", "optim.warmup_steps=5", *extra],
+    )
+
+
+def read_metrics(run_dir):
+    rows = []
+    for f in sorted(Path(run_dir, "logs").rglob("metrics.csv")):
+        with open(f) as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def test_train_loss_falls_and_nelbo_improves(manifest, tmp_path):
+    res = train(config(manifest, tmp_path))
+    assert res["step"] == 40
+    assert res["val/nelbo"] < 0.8 * res["val_nelbo_before"]
+    assert res["val/bpt"] == pytest.approx(res["val/nelbo"] / 0.6931471805599453)
+    losses = [float(r["train/loss"]) for r in read_metrics(tmp_path) if r.get("train/loss")]
+    assert len(losses) >= 4 and sum(losses[-2:]) < 0.8 * sum(losses[:2])
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert list((tmp_path / "checkpoints").glob("best-step*.ckpt"))
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.model.vocab_size >= 256 and saved.model.eos_id >= 0  # filled in from the byte tokenizer
+
+
+class SigintAt(L.Callback):
+    """Sends this process SIGINT after optimizer step ``at``, as a user's Ctrl-C would."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def state(path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return ck
+
+
+def test_interrupt_then_resume_equals_uninterrupted(manifest, tmp_path):
+    straight = train(config(manifest, tmp_path / "a", "trainer.max_steps=24", "trainer.val_every_n_steps=100"))
+    assert straight["step"] == 24
+
+    first = train(config(manifest, tmp_path / "b", "trainer.max_steps=24", "trainer.val_every_n_steps=100"),
+                  extra_callbacks=[SigintAt(7)])
+    assert first["stopped_early"] and first["step"] == 7
+    ck = state(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert ck["global_step"] == 7
+    second = train(config(manifest, tmp_path / "b", "trainer.max_steps=24", "trainer.val_every_n_steps=100"))
+    assert second["step"] == 24
+
+    a, b = state(tmp_path / "a/checkpoints/last.ckpt"), state(tmp_path / "b/checkpoints/last.ckpt")
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v, b["state_dict"][k], atol=1e-6, rtol=0), k
+    for k, v in a["ema"]["shadow"].items():
+        assert torch.allclose(v, b["ema"]["shadow"][k], atol=1e-6, rtol=0), k
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        assert torch.allclose(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 24
+
+
+def test_cli_demo_runs_end_to_end(manifest, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dlmtrain.cli", "train", "configs/demo.yaml", f"data.manifest={manifest}",
+         f"run.dir={tmp_path}", "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.limit_val_batches=2",
+         "trainer.global_batch_size=8", "trainer.progress_bar=false", "data.num_workers=0"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "before training: val/nelbo" in r.stdout and "step 6: val/nelbo" in r.stdout
+    # running again resumes at step 6 and has nothing left to do
+    r2 = subprocess.run(
+        [sys.executable, "-m", "dlmtrain.cli", "train", "configs/demo.yaml", f"data.manifest={manifest}",
+         f"run.dir={tmp_path}", "trainer.max_steps=6", "trainer.progress_bar=false", "data.num_workers=0",
+         "trainer.global_batch_size=8"],
+        capture_output=True, text=True,
+    )
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "resuming from" in r2.stdout
+
+
+def test_nonfinite_loss_stops_with_checkpoint(manifest, tmp_path):
+    from dlmtrain.callbacks.guards import NonFiniteLossError
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    next(pl_module.backbone.parameters()).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(config(manifest, tmp_path, "trainer.max_steps=10"), extra_callbacks=[Poison()])
+    assert (tmp_path / "checkpoints" / "nonfinite-step3.ckpt").exists()
+
+
+def test_wandb_offline_without_api_key(manifest, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    res = train(config(manifest, tmp_path / "run", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
+                       "logger.wandb.enabled=true", "trainer.limit_val_batches=1"))
+    assert res["step"] == 2
+    assert "logging offline" in capsys.readouterr().out
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
