@@ -54,12 +54,12 @@ def read_metrics(run_dir):
 
 
 def test_train_loss_falls_and_nelbo_improves(manifest, tmp_path):
-    res = train(config(manifest, tmp_path))
+    res = train(config(manifest, tmp_path, "trainer.log_every_n_steps=1"))
     assert res["step"] == 40
     assert res["val/nelbo"] < 0.8 * res["val_nelbo_before"]
     assert res["val/bpt"] == pytest.approx(res["val/nelbo"] / 0.6931471805599453)
     losses = [float(r["train/loss"]) for r in read_metrics(tmp_path) if r.get("train/loss")]
-    assert len(losses) >= 4 and sum(losses[-2:]) < 0.8 * sum(losses[:2])
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.7 * sum(losses[:5])
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert list((tmp_path / "checkpoints").glob("best-step*.ckpt"))
     saved = load_config(tmp_path / "config.yaml")
@@ -88,9 +88,9 @@ def test_interrupt_then_resume_equals_uninterrupted(manifest, tmp_path):
 
     first = train(config(manifest, tmp_path / "b", "trainer.max_steps=24", "trainer.val_every_n_steps=100"),
                   extra_callbacks=[SigintAt(7)])
-    assert first["stopped_early"] and first["step"] == 7
+    assert first["stopped_early"] and first["step"] == 8  # the step in flight completes
     ck = state(tmp_path / "b" / "checkpoints" / "last.ckpt")
-    assert ck["global_step"] == 7
+    assert ck["global_step"] == 8
     second = train(config(manifest, tmp_path / "b", "trainer.max_steps=24", "trainer.val_every_n_steps=100"))
     assert second["step"] == 24
 

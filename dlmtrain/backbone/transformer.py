@@ -72,9 +72,12 @@ class Rotary(nn.Module):
         if torch.compiler.is_compiling():
             return self._tables(torch.arange(L, device=device))
         key = (L, str(device))
-        if key not in self._cache:
-            self._cache[key] = self._tables(torch.arange(L, device=device))
-        return self._cache[key]
+        cached = self._cache.get(key)
+        # Tables made under inference_mode (validation) cannot enter autograd later: rebuild.
+        if cached is None or (cached[0].is_inference() and not torch.is_inference_mode_enabled()):
+            with torch.inference_mode(False):
+                cached = self._cache[key] = self._tables(torch.arange(L, device=device))
+        return cached
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

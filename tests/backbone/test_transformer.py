@@ -219,3 +219,17 @@ def test_position_ids_default_and_shift():
     pos = torch.arange(12).expand(2, 12)
     assert torch.allclose(m(x), m(x, position_ids=pos), atol=1e-6)
     assert torch.allclose(m(x), m(x, position_ids=pos + 100), atol=1e-4)  # bidirectional: only relative positions matter
+
+
+def test_rotary_cache_survives_inference_mode_then_training():
+    # validate-before-fit builds the tables under inference_mode; training must still work
+    from dlmtrain.config import load_config
+    from dlmtrain.backbone import Backbone
+
+    cfg = load_config(None, ["model=tiny", "model.vocab_size=11"]).model
+    net = Backbone(cfg, vocab_size=11)
+    ids = torch.randint(0, 11, (2, 6))
+    with torch.inference_mode():
+        net(ids)
+    net(ids).sum().backward()
+    assert net.embed.weight.grad is not None
