@@ -68,18 +68,19 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    """Where batches come from. See dlmtrain/data/."""
+    """Where batches come from: shards written by ``python -m data_prep``. See dlmtrain/data/."""
 
-    kind: str = "shards"  # shards (webdataset manifest) | tokens (in-memory, tests)
-    manifest: str = ""  # path/URL of manifest.json; "" builds the embedded default corpus
+    kind: str = "shards"  # shards (a webdataset manifest written by data_prep)
+    manifest: str = ""  # path/dir/URL of manifest.json; "" builds the embedded default corpus (stdlib .py files)
+    shard_url: str = ""  # template for shard/tokenizer URLs, e.g. "pipe:aws s3 cp s3://b/d/{name} -"; "" = beside the manifest
     cache_dir: str = "~/.cache/dlmtrain"  # where the embedded default corpus is prepared
-    seq_len: int = 128  # tokens per sequence for the embedded default corpus
-    vocab_size: int = 2048  # BPE size trained for the embedded default corpus
-    val_fraction: float = 0.02
-    num_workers: int = 1
-    shuffle_buffer: int = 1000
-    on_corrupt: str = "fail"  # fail | skip
-    max_val_samples: int = 0  # 0: the whole validation split
+    seq_len: int = 128  # tokens per sequence of the embedded default corpus (a prepared manifest has its own)
+    vocab_size: int = 2048  # BPE size trained for the embedded default corpus (a manifest has its own)
+    val_fraction: float = 0.02  # validation share of the embedded default corpus
+    num_workers: int = 1  # DataLoader worker processes per rank (0: read in the main process)
+    shuffle_buffer: int = 1000  # train samples are shuffled in blocks of this many consecutive samples of a shard
+    on_corrupt: str = "fail"  # fail | skip (log by name, count in data/skipped_shards, go on)
+    max_val_samples: int = 0  # 0: the whole validation split; else its first N samples
 
 
 @dataclass
@@ -262,7 +263,7 @@ _CHOICES = {
     "model.attn_backend": ("auto", "sdpa", "flash"),
     "objective.schedule": ("loglinear", "linear", "cosine"),
     "optim.decay": ("constant", "cosine", "linear"),
-    "data.kind": ("shards", "tokens"),
+    "data.kind": ("shards",),
     "data.on_corrupt": ("fail", "skip"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
 }

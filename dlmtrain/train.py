@@ -113,7 +113,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
     from dlmtrain.callbacks.checkpoint_io import AtomicCheckpointIO
     from dlmtrain.callbacks.guards import GracefulStop, NonFiniteLossGuard
     from dlmtrain.callbacks.throughput import Throughput
-    from dlmtrain.data import build_datamodule
+    from dlmtrain.data import DataMetrics, build_datamodule
     from dlmtrain.modules import build_module
 
     t = cfg.trainer
@@ -150,6 +150,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
         NonFiniteLossGuard(ckpt_dir),
         stop,
         LearningRateMonitor(logging_interval="step"),
+        DataMetrics(),
         *(extra_callbacks or []),
     ]
     if t.save_top_k > 0:
