@@ -161,7 +161,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
             )
         )
     if t.compile:
-        module.backbone = torch.compile(module.backbone)
+        module.backbone.compile()  # in place: parameter names (checkpoints, EMA) stay unprefixed
 
     trainer = L.Trainer(
         default_root_dir=str(out),
