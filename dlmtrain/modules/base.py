@@ -113,9 +113,9 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        fused = {"fused": True} if torch.cuda.is_available() and self.device.type == "cuda" else {}
+        # foreach, not fused: Lightning refuses gradient clipping with fused AdamW under AMP
         opt = torch.optim.AdamW(
-            param_groups(self.backbone, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused
+            param_groups(self.backbone, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(o.warmup_steps, self.cfg.trainer.max_steps, o.decay, o.min_lr_ratio)
