@@ -150,3 +150,18 @@ def test_wandb_offline_without_api_key(manifest, tmp_path, monkeypatch, capsys):
     assert "logging offline" in capsys.readouterr().out
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_validation_is_deterministic_for_fixed_weights(manifest, tmp_path):
+    from dlmtrain.data import build_datamodule
+    from dlmtrain.modules import build_module
+    from dlmtrain.train import fill_from_data
+
+    cfg = config(manifest, tmp_path)
+    dm = build_datamodule(cfg, 8)
+    fill_from_data(cfg, dm)
+    module = build_module(cfg)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=3)
+    a = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/nelbo"]
+    b = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/nelbo"]
+    assert a == b

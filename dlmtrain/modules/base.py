@@ -127,10 +127,14 @@ class DiffusionModule(L.LightningModule):
         if self.ema is not None:
             self.ema.swap_in(self.backbone)
         self._val = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, sequences
+        # Same draws every validation: the same weights always give the same val/nelbo.
+        self._val_gen = torch.Generator(device=self.device)
+        self._val_gen.manual_seed(self.cfg.trainer.seed + 7919 * (1 + self.rank_and_world[0]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ids, am = batch["input_ids"], batch.get("attention_mask")
-        nel = self.nelbo(ids, am, num_samples=self.cfg.eval.nelbo_samples, segment_ids=batch.get("segment_ids"))
+        nel = self.nelbo(ids, am, num_samples=self.cfg.eval.nelbo_samples, generator=self._val_gen,
+                         segment_ids=batch.get("segment_ids"))
         ntok = self.scored_tokens(ids, am)
         rows = ntok > 0
         self._val += torch.stack([nel[rows].sum().double(), ntok.sum().double(), rows.sum().double()])
