@@ -31,6 +31,7 @@ def synth(tmp_path: Path, **kw) -> Path:
 def make_dm(manifest: Path, batch: int = 4, **kw) -> ShardDataModule:
     kw.setdefault("num_workers", 0)
     kw.setdefault("shuffle_buffer", 8)
+    kw.setdefault("pin_memory", False)  # pinning touches CUDA, which a forked test process must not
     return ShardDataModule(read_manifest(str(manifest)), micro_batch_size=batch, **kw)
 
 
@@ -244,7 +245,11 @@ def test_state_gathers_positions_of_all_ranks(tmp_path, ranks):
     import torch.multiprocessing as tmp_mp
 
     man = synth(tmp_path, train_shards=4, samples_per_shard=10, val_shards=1)
-    port = str(29500 + os.getpid() % 1000)
+    import socket
+
+    with socket.socket() as s:  # a free port, not a guess
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     tmp_mp.start_processes(_ddp_worker, args=(str(man), str(tmp_path), port), nprocs=2, start_method="fork")
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert state["world"] == 2 and set(state["positions"]) == {"0", "1"}
