@@ -355,7 +355,6 @@ def test_embedded_default_builds_once_from_a_small_tree(tmp_path, capfd):
     assert "preparing" not in capfd.readouterr().out
 
 
-@pytest.mark.slow
 def test_embedded_default_stdlib_corpus(tmp_path):
     cfg = OmegaConf.create({"data": {"kind": "shards", "manifest": "", "cache_dir": str(tmp_path), "seq_len": 128,
                                      "vocab_size": 2048, "val_fraction": 0.02, "num_workers": 1, "shuffle_buffer": 100,
