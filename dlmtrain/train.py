@@ -120,6 +120,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
     out = run_dir(cfg)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = resume_path(cfg, ckpt_dir)  # fail fast on a bad path, before data and model are built
     world = world_size(cfg)
     micro, accum = batch_split(t.global_batch_size, t.micro_batch_size, world)
     L.seed_everything(t.seed, workers=True, verbose=False)
@@ -188,7 +189,6 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
-    ckpt = resume_path(cfg, ckpt_dir)
     result: dict = {"run_dir": str(out)}
     if ckpt is None and t.val_before_training:
         before = trainer.validate(module, datamodule=dm, verbose=False)
