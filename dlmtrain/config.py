@@ -217,8 +217,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     choices: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file() and (CONFIG_DIR / path).is_file():
-            path = CONFIG_DIR / path
+        for base in (CONFIG_DIR, CONFIG_DIR.parent):  # "demo.yaml" or "configs/demo.yaml" from anywhere
+            if not path.is_file() and (base / path).is_file():
+                path = base / path
         body = _read_yaml(path)
         defaults = body.pop("defaults", []) if "defaults" in body else []
         for item in defaults:
