@@ -168,9 +168,10 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
 def _unknown_key_message(key: str, where: str, schema: DictConfig) -> str:
     known = _keys(schema)
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if not close:  # match on the last component too ("optim.lrr" ~ "optim.lr")
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in known if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [x.rsplit(".", 1)[-1] for x in known], n=3, cutoff=0.7)][:3]
+    if not close:  # same section, close last component ("optim.lrr" ~ "optim.lr")
+        section, _, leaf = key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+        close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.7)]
     hint = f"; did you mean {', '.join(close)}?" if close else "; see dlmtrain/config.py for the schema"
     return f"unknown config key '{key}' in {where}{hint}"
 
