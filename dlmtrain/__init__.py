@@ -12,4 +12,11 @@ def build_module(cfg):
     return _build(cfg)
 
 
-__all__ = ["load_config", "build_module", "__version__"]
+def load_checkpoint(path, ema: bool = True, map_location="cpu", overrides=None):
+    """The trained module stored in a dlmtrain checkpoint, in eval mode (see dlmtrain/checkpoint/)."""
+    from dlmtrain.checkpoint import load_checkpoint as _load
+
+    return _load(path, ema=ema, map_location=map_location, overrides=overrides)
+
+
+__all__ = ["load_config", "build_module", "load_checkpoint", "__version__"]

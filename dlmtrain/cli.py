@@ -13,27 +13,52 @@ from dlmtrain.errors import UserError
 
 
 def _train(args) -> int:
+    import shlex
+
     from dlmtrain.config import load_config
     from dlmtrain.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
-    return 0
+    command = shlex.join(["dlmtrain", "train", args.config, *[o for o in args.overrides if not o.startswith(("run.resume=", "optim.lr="))]])
+    result = train(cfg, command=command)
+    return int(result.get("exit_code", 0))
 
 
 def _bench(args) -> int:
     return args.bench_run(args)
 
 
+EXAMPLES = """\
+examples:
+  dlmtrain train configs/demo.yaml                           # a tiny MDLM on the embedded corpus (CPU)
+  dlmtrain train configs/demo.yaml model=small trainer=gpu optim.lr=1e-3
+  dlmtrain train configs/demo.yaml data.manifest=data/web/manifest.json run.name=web
+  dlmtrain bench model --size small --seq-len 1024 --batch-size 16
+
+prepare your own data first (text, JSONL, Parquet -> tokenized shards + manifest):
+  python -m data_prep corpus/ --out data/web --train-tokenizer --vocab-size 32768 --seq-len 1024
+
+load a trained model in Python:  dlmtrain.load_checkpoint("runs/demo/checkpoints/last.ckpt")
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlmtrain", description="Pretrain diffusion language models.")
+    from dlmtrain import __version__
+    from dlmtrain.train import EXIT_CODES
+
+    p = argparse.ArgumentParser(prog="dlmtrain", description="Pretrain diffusion language models.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dlmtrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser(
         "train",
         help="train from a config",
         description="Train from CONFIG (a YAML under configs/) with key=value overrides, e.g. "
-        "`dlmtrain train configs/demo.yaml model=small optim.lr=1e-3`. Re-running resumes from the run's last.ckpt.",
+        "`dlmtrain train configs/demo.yaml model=small optim.lr=1e-3`. Re-running resumes from the run's last.ckpt; "
+        "the first Ctrl-C (or SIGTERM / SIGUSR1) saves last.ckpt at the end of the step and stops.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tr.add_argument("config", help="YAML config file (path, or relative to configs/)")
     tr.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")

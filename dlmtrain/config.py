@@ -105,7 +105,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU | 32-true | bf16-mixed | bf16-true | 16-mixed
     val_every_n_steps: int = 250
     limit_val_batches: int = 0  # 0: the whole validation stream
     val_before_training: bool = True  # validate the initial weights on a fresh start
@@ -114,7 +114,8 @@ class TrainerConfig:
     save_top_k: int = 1  # best checkpoints by val/nelbo, beside last.ckpt
     compile: bool = False
     seed: int = 0
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a terminal; elsewhere (or with false) plain lines, see print_every_n_steps
+    print_every_n_steps: int = 100  # a plain progress line (step, loss, tokens/s, ETA) when there is no bar
 
 
 @dataclass
@@ -208,11 +209,34 @@ def _group_file(group: str, name: str, where: str) -> Path:
     return path
 
 
+def schema() -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _apply_dotted(cfg: DictConfig, dotted: list[str]) -> DictConfig:
+    for ov in dotted:
+        try:
+            node = OmegaConf.from_dotlist([ov])
+        except Exception as e:
+            raise ConfigError(f"cannot parse override '{ov}': {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, node, f"override '{ov}'")
+    return cfg
+
+
+def config_from_resolved(resolved: str | dict, overrides: list[str] | None = None, where: str = "checkpoint") -> DictConfig:
+    """A config written by dlmtrain (``config.yaml``, a checkpoint's copy) plus dotted overrides."""
+    body = OmegaConf.create(resolved)
+    cfg = _apply_dotted(_merge(schema(), body, where), list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``path`` (a YAML file; None for schema defaults) with ``overrides``."""
     overrides = list(overrides or [])
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
+    cfg = schema()
 
     body = OmegaConf.create({})
     choices: dict[str, str] = {}
@@ -248,13 +272,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg.model.name = name
         if group == "objective" and "name" not in node:
             cfg.objective.name = name
-    cfg = _merge(cfg, body, str(path))
-    for ov in dotted:
-        try:
-            node = OmegaConf.from_dotlist([ov])
-        except Exception as e:
-            raise ConfigError(f"cannot parse override '{ov}': {str(e).splitlines()[0]}") from None
-        cfg = _merge(cfg, node, f"override '{ov}'")
+    cfg = _apply_dotted(_merge(cfg, body, str(path)), dotted)
     validate(cfg)
     return cfg
 
@@ -268,29 +286,55 @@ _CHOICES = {
     "data.kind": ("shards",),
     "data.on_corrupt": ("fail", "skip"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
+}
+
+# (key, smallest allowed value): counts and sizes that must be positive (or non-negative)
+_AT_LEAST = {
+    "model.hidden_size": 1, "model.n_layers": 1, "model.n_heads": 1, "model.cond_dim": 1,
+    "trainer.max_steps": 1, "trainer.global_batch_size": 1, "trainer.micro_batch_size": 0, "trainer.num_nodes": 1,
+    "trainer.val_every_n_steps": 1, "trainer.ckpt_every_n_steps": 1, "trainer.log_every_n_steps": 1,
+    "trainer.print_every_n_steps": 1, "trainer.limit_val_batches": 0, "trainer.save_top_k": 0, "trainer.seed": 0,
+    "data.num_workers": 0, "data.shuffle_buffer": 1, "data.max_val_samples": 0, "optim.warmup_steps": 0,
+    "eval.nelbo_samples": 1,
+}
+_HINTS = {
+    "trainer.val_every_n_steps": " (optimizer steps between validations; a large value validates rarely)",
+    "trainer.max_steps": " (optimizer steps to train for)",
 }
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need more than a type: choices and value ranges."""
+    """Checks that need more than a type: choices and value ranges. Run before anything is built or written."""
     for key, options in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
+    for key, low in _AT_LEAST.items():
+        value = OmegaConf.select(cfg, key)
+        if value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}{_HINTS.get(key, '')}")
     m = cfg.model
+    if m.mlp_ratio <= 0:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} must be positive")
     if m.hidden_size % m.n_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.n_heads={m.n_heads}")
     if (m.hidden_size // m.n_heads) % 2:
         raise ConfigError("model.hidden_size / model.n_heads must be even (rotary embeddings rotate pairs)")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1)")
     if not 0 < cfg.objective.eps < 1:
         raise ConfigError(f"objective.eps={cfg.objective.eps} must lie in (0, 1)")
-    t = cfg.trainer
-    if t.global_batch_size < 1 or t.micro_batch_size < 0:
-        raise ConfigError("trainer.global_batch_size must be >= 1 and trainer.micro_batch_size >= 0")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
-    if not 0 <= cfg.optim.ema < 1:
-        raise ConfigError(f"optim.ema={cfg.optim.ema} must lie in [0, 1)")
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if not 0 <= o.ema < 1:
+        raise ConfigError(f"optim.ema={o.ema} must lie in [0, 1)")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0, optim.eps > 0, optim.min_lr_ratio in [0, 1]")
 
 
 def batch_split(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:

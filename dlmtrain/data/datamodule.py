@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import warnings
 from collections import deque
 
@@ -65,47 +66,84 @@ def _worker_message(e: Exception) -> str:
     return last
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """DataLoader workers ignore stop signals: Ctrl-C (the whole process group) or Slurm's
+    --signal (every process of the step) would otherwise kill them mid-batch, and the main
+    process could not finish its step and save. The main process shuts them down."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class _TrackedIter:
-    def __init__(self, it, on_fetch):
+    def __init__(self, it, loader: "TrackedLoader"):
         self._it = it
-        self._on_fetch = on_fetch
+        self._loader = loader
+        self._yielded = 0
 
     def __iter__(self):
         return self
 
+    def _shutdown(self) -> None:
+        # stop the workers now: left to garbage collection, torch waits 5 s per worker after a worker error
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:
+                pass
+
     def __next__(self):
+        dm = self._loader.owner
+        if dm is not None and self._loader.split == "val" and dm.stop_eval:
+            self._shutdown()
+            raise StopIteration  # a stop was agreed: end validation here on every rank
         try:
             batch = next(self._it)
         except StopIteration:
             raise
         except Exception as e:
-            # stop the workers now: left to garbage collection, torch waits 5 s per worker after a worker error
-            shutdown = getattr(self._it, "_shutdown_workers", None)
-            if shutdown is not None:
-                try:
-                    shutdown()
-                except Exception:
-                    pass
-            if isinstance(e, DataError):
-                raise DataError(_worker_message(e)) from None
-            raise
-        batch, pos = unpack(batch)
-        if pos is not None and self._on_fetch is not None:
-            self._on_fetch(pos)
+            self._shutdown()
+            if not isinstance(e, DataError):
+                raise
+            msg = _worker_message(e)
+            if dm is None or not dm.defer_faults or self._loader.split != "train" or not self._yielded:
+                raise DataError(msg) from None
+            # Defer: end this rank's stream after the batch already fetched; the stop handler
+            # sees data_fault at the end of that step, and all ranks save and stop together.
+            dm.data_fault = msg
+            raise StopIteration from None
+        batch, pos, fault = unpack(batch)
+        if fault:  # a corrupt val shard under on_corrupt=fail: its rows arrived as padding
+            if dm is None or not dm.defer_faults:
+                self._shutdown()
+                raise DataError(fault)
+            dm.data_fault = dm.data_fault or fault
+        if pos is not None and self._loader.on_fetch is not None:
+            self._loader.on_fetch(pos)
+        self._yielded += 1
         return batch
 
 
 class TrackedLoader(DataLoader):
     """A DataLoader over TrainStream/ValStream: unpacks the workers' batches into
     ``input_ids``/``segment_ids`` (+ ``attention_mask`` for val), hands each train batch's
-    position to ``on_fetch``, and turns worker DataErrors back into one line."""
+    position to ``on_fetch``, and turns worker DataErrors back into one line. With an
+    ``owner`` DataModule, a data error after the first train batch is recorded in
+    ``owner.data_fault`` and ends the stream (see ``_TrackedIter``)."""
 
-    def __init__(self, *args, on_fetch=None, **kw):
+    def __init__(self, *args, on_fetch=None, owner=None, split: str = "train", **kw):
+        kw.setdefault("worker_init_fn", _quiet_worker)
         super().__init__(*args, **kw)
-        self._on_fetch = on_fetch
+        self.on_fetch = on_fetch
+        self.owner = owner
+        self.split = split
 
     def __iter__(self):
-        return _TrackedIter(super().__iter__(), self._on_fetch)
+        if self.owner is not None and self.split == "train" and self.owner.data_fault:
+            raise DataError(self.owner.data_fault)
+        return _TrackedIter(super().__iter__(), self)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -153,6 +191,16 @@ class ShardDataModule(L.LightningDataModule):
         self._fetched: deque = deque()
         self._samples_consumed = 0
         self._warned = False
+        # Positions as of the last completed optimizer step (see _commit): what a checkpoint
+        # saved in the middle of a step (gradient accumulation, a fault) must hold.
+        self._step_positions: dict[int, tuple[int, int]] = {}
+        self._step_consumed = 0
+        self._snap_step = -1
+        # Set by a stop handler that agrees on stops across ranks (dlmtrain.callbacks.stop.StopHandler):
+        # then a fatal data error is recorded in data_fault and handled at the end of the step.
+        self.defer_faults = False
+        self.data_fault: str | None = None
+        self.stop_eval = False  # set when a stop is agreed during validation
 
     def __getstate__(self):  # pickling/deepcopy: the skip counter's value travels, not the shared memory
         state = dict(self.__dict__)
@@ -231,7 +279,7 @@ class ShardDataModule(L.LightningDataModule):
         )
         return TrackedLoader(
             ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            on_fetch=self._on_fetch, persistent_workers=False,
+            on_fetch=self._on_fetch, persistent_workers=False, owner=self, split="train",
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -240,17 +288,28 @@ class ShardDataModule(L.LightningDataModule):
             raise DataError(f"{self.manifest_url} has no validation split; prepare with --val-fraction or --val-input")
         ds = ValStream(self.val_shards, self.spec, batch_size=self.micro_batch_size, total=self.val_samples,
                        rank=rank, world=world, counter=self._counter)
+        # not persistent: a validation cut short by a stop shuts its workers down
         return TrackedLoader(
-            ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, owner=self, split="val",
         )
 
     # ------------------------------------------------------------------ position tracking
 
     def _commit(self, pos: tuple[int, int, int]) -> None:
+        step = self.trainer.global_step if self.trainer is not None else -1
+        if step > self._snap_step:  # the first batch of a new optimizer step: snapshot the step boundary
+            self._step_positions, self._step_consumed = dict(self._positions), self._samples_consumed
+            self._snap_step = step
         g, q, off = (int(x) for x in pos)
         self._positions[g] = (q, off)
         self._samples_consumed += self.micro_batch_size
+
+    def _saved_positions(self) -> tuple[dict[int, tuple[int, int]], int]:
+        """Positions for a checkpoint: the current ones, unless batches of an optimizer step
+        still in progress were committed (then the step boundary before them)."""
+        if self.trainer is not None and self.trainer.global_step == self._snap_step:
+            return self._step_positions, self._step_consumed
+        return self._positions, self._samples_consumed
 
     def _on_fetch(self, pos: tuple[int, int, int]) -> None:
         if self.trainer is None:  # iterated by hand: fetched == consumed
@@ -269,16 +328,17 @@ class ShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         rank, world = dist_info()
         nw = self._workers()
+        saved, consumed = self._saved_positions()
         if self._topology != (world, nw):
             positions = self._starts(rank, world)
         else:
             mine = range(rank * nw, (rank + 1) * nw)
-            positions = {g: self._positions.get(g, (g, 0)) for g in mine}
+            positions = {g: saved.get(g, (g, 0)) for g in mine}
         local = {
             "rank": rank,
             "positions": {str(g): [int(q), int(o)] for g, (q, o) in positions.items()},
             "skipped_shards": self.skipped_shards,
-            "samples_consumed": self._samples_consumed,
+            "samples_consumed": consumed,
         }
         gathered = [local]
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -316,6 +376,7 @@ class ShardDataModule(L.LightningDataModule):
         self._positions = {int(g): (int(q), int(o)) for g, (q, o) in state["positions"].items()}
         self._topology = (int(state["world"]), int(state["num_workers"]))
         self._fetched.clear()
+        self._snap_step = -1
 
 
 class DataMetrics(L.Callback):

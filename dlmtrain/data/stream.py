@@ -124,23 +124,25 @@ def _segments(starts_list: list, B: int, L: int) -> np.ndarray:
     return np.cumsum(marks, axis=1, out=marks)
 
 
-def make_batch(rows: list[np.ndarray], starts: list, L: int, real: list[bool] | None = None, pos=None) -> dict:
+def make_batch(rows: list[np.ndarray], starts: list, L: int, real: list[bool] | None = None, pos=None,
+               fault: str | None = None) -> dict:
     """A batch as it leaves a worker: ids and segment ids in ONE int64 tensor ``[2, B, L]`` (one shared-memory
-    transfer instead of several), the row mask and position as plain Python values. :func:`unpack` opens it."""
+    transfer instead of several), the row mask, position and any fatal-data message as plain Python values.
+    :func:`unpack` opens it."""
     B = len(rows)
     packed = np.empty((2, B, L), dtype=np.int64)
     np.stack(rows, out=packed[0])
     packed[1] = _segments(starts, B, L)
-    return {"_packed": torch.from_numpy(packed), "_rows": real, "_pos": pos}
+    return {"_packed": torch.from_numpy(packed), "_rows": real, "_pos": pos, "_fault": fault}
 
 
-def unpack(batch: dict) -> tuple[dict, tuple | None]:
-    """``(batch for the model, position)`` from a worker's batch (see :func:`make_batch`)."""
+def unpack(batch: dict) -> tuple[dict, tuple | None, str | None]:
+    """``(batch for the model, position, fault message)`` from a worker's batch (see :func:`make_batch`)."""
     packed = batch["_packed"]
     out = {"input_ids": packed[0], "segment_ids": packed[1]}
     if batch.get("_rows") is not None:
         out["attention_mask"] = torch.tensor(batch["_rows"], dtype=torch.bool)[:, None].expand(packed.shape[1:]).clone()
-    return out, batch.get("_pos")
+    return out, batch.get("_pos"), batch.get("_fault")
 
 
 class _Corruption:
@@ -150,9 +152,15 @@ class _Corruption:
         self.spec = spec
         self.counter = counter
 
-    def __call__(self, ref: ShardRef, err: CorruptShard, split: str) -> None:
+    def __call__(self, ref: ShardRef, err: CorruptShard, split: str) -> str | None:
+        """Skip (log, count, return None); or fail: raise for train, return the message for
+        val (the val stream pads the shard's rows and flags the batch, so every rank still
+        runs the same number of batches and the stop is agreed at a batch end)."""
         if self.spec.on_corrupt != "skip":
-            raise DataError(f"corrupt {split} shard {ref.url}: {err}; set data.on_corrupt=skip to skip such shards")
+            msg = f"corrupt {split} shard {ref.url}: {err}; set data.on_corrupt=skip to skip such shards"
+            if split == "val":
+                return msg
+            raise DataError(msg)
         log.warning("data: skipping corrupt %s shard %s: %s", split, ref.url, err)
         if self.counter is not None:
             with self.counter.get_lock():
@@ -268,8 +276,9 @@ class ValStream(IterableDataset):
     def __len__(self) -> int:  # batches this rank yields (all workers together)
         return self.batches_per_rank()
 
-    def _read(self, lo: int, hi: int) -> Iterator[tuple[np.ndarray, np.ndarray | None] | None]:
-        """Samples ``lo..hi-1`` (global val index), ``None`` for unreadable ones."""
+    def _read(self, lo: int, hi: int, faults: list) -> Iterator[tuple[np.ndarray, np.ndarray | None] | None]:
+        """Samples ``lo..hi-1`` (global val index), ``None`` for unreadable ones (their messages
+        go to ``faults`` under on_corrupt=fail)."""
         on_corrupt = _Corruption(self.spec, self.counter)
         cache = NpyHeaderCache()
         i = lo
@@ -287,7 +296,9 @@ class ValStream(IterableDataset):
                 if got < stop:
                     raise CorruptShard(f"ends after {got} samples, the manifest says {ref.samples}")
             except CorruptShard as err:
-                on_corrupt(ref, err, "val")
+                msg = on_corrupt(ref, err, "val")
+                if msg:
+                    faults.append(msg)
                 for _ in range(got, stop):
                     yield None
             i = int(self.offsets[s]) + stop
@@ -302,7 +313,8 @@ class ValStream(IterableDataset):
         n_real = b - a
         Bsz, L = self.batch_size, self.spec.seq_len
         lo, hi = a + min(n_real, j0 * Bsz), a + min(n_real, j1 * Bsz)
-        reader = self._read(lo, hi)
+        faults: list[str] = []
+        reader = self._read(lo, hi, faults)
         pad_row = np.full(L, self.spec.pad_id, dtype=np.int64)
         for j in range(j0, j1):
             rows, starts, real = [], [], []
@@ -312,4 +324,4 @@ class ValStream(IterableDataset):
                 real.append(item is not None)
                 rows.append(pad_row if item is None else item[0])
                 starts.append(None if item is None else item[1])
-            yield make_batch(rows, starts, L, real=real)
+            yield make_batch(rows, starts, L, real=real, fault=faults[0] if faults else None)

@@ -58,12 +58,17 @@ def lr_lambda(warmup_steps: int, max_steps: int, decay: str, min_ratio: float):
 class DiffusionModule(L.LightningModule):
     backbone: nn.Module
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig | None = None, config: dict | None = None):
         super().__init__()
+        if cfg is None:  # Lightning's load_from_checkpoint passes the saved hyperparameters
+            from dlmtrain.config import config_from_resolved
+
+            cfg = config_from_resolved(config)
         self.cfg = cfg
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.ema: EMA | None = None
         self._val = None
+        self.abort_validation = False  # set by the stop handler: a cut-short validation logs nothing
 
     # ---- subclass API ---------------------------------------------------------------
     def loss(self, batch: dict) -> torch.Tensor:
@@ -142,8 +147,8 @@ class DiffusionModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val, reduce_op="sum") if self._trainer else self._val
         nats, tokens, seqs = sums.tolist()
-        self._last_val_step = self.global_step
-        if tokens > 0:
+        if tokens > 0 and not self.abort_validation:
+            self._last_val_step = self.global_step
             per_tok = nats / tokens
             self.log_dict(
                 {
@@ -170,3 +175,27 @@ class DiffusionModule(L.LightningModule):
             if self.ema is None:
                 self.ema = EMA(self.backbone, self.cfg.optim.ema)
             self.ema.load_state_dict(checkpoint["ema"])
+        self._apply_optim_config(checkpoint)
+
+    def _apply_optim_config(self, checkpoint: dict) -> None:
+        """Make a resumed run use *this* config's optimizer settings, not the checkpoint's.
+
+        Lightning restores the optimizer's param groups (lr, betas, eps, weight decay) and
+        LambdaLR's base_lrs from the checkpoint; the schedule's shape (warmup, decay,
+        max_steps) comes from the new config because the lambda is rebuilt. Patching the
+        checkpoint here, before Lightning restores from it, is what lets a changed
+        ``optim.lr`` (e.g. after the non-finite guard fired) take effect.
+        """
+        o = self.cfg.optim
+        scheds, opts = checkpoint.get("lr_schedulers") or [], checkpoint.get("optimizer_states") or []
+        if not opts:
+            return
+        step = int(scheds[0].get("last_epoch", 0)) if scheds else 0
+        factor = lr_lambda(o.warmup_steps, self.cfg.trainer.max_steps, o.decay, o.min_lr_ratio)(step)
+        groups = opts[0]["param_groups"]
+        for i, g in enumerate(groups):
+            g.update(lr=o.lr * factor, initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                     weight_decay=o.weight_decay if i == 0 else 0.0)
+        if scheds:
+            scheds[0]["base_lrs"] = [o.lr] * len(groups)
+            scheds[0]["_last_lr"] = [o.lr * factor] * len(groups)

@@ -19,9 +19,9 @@ from dlmtrain.modules.base import DiffusionModule
 
 
 class MDLM(DiffusionModule):
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg)
-        m, o = cfg.model, cfg.objective
+    def __init__(self, cfg: DictConfig | None = None, config: dict | None = None):
+        super().__init__(cfg, config)
+        m, o = self.cfg.model, self.cfg.objective
         if m.document_mask and m.eos_id < 0:
             raise ConfigError("model.document_mask=true needs model.eos_id (the data's EOS id); set it or disable document_mask")
         self.mask_id = m.mask_id if m.mask_id >= 0 else m.vocab_size

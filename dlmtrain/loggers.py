@@ -1,0 +1,106 @@
+"""Loggers of a run (CSV always, W&B when enabled) and silencing of messages no user can act on."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.pytorch.loggers import CSVLogger
+
+from dlmtrain.errors import ConfigError
+
+# Lightning's info lines that say nothing actionable (the device summary is printed by dlmtrain).
+_NOISE = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`Trainer(limit_val_batches",
+          "`weights_only` was not set", "You are using a CUDA device")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_NOISE)
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*tensorboardX.*")
+    warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+
+
+class _ContinuingWriter(_ExperimentWriter):
+    """Appends to an existing metrics.csv (one file for the whole run), keeping its columns."""
+
+    def __init__(self, log_dir: str, resume_step: int | None):
+        self.metrics, self.metrics_keys = [], []
+        self._fs = None
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        self._fs = get_filesystem(log_dir)
+        self.log_dir = log_dir
+        self.metrics_file_path = os.path.join(log_dir, self.NAME_METRICS_FILE)
+        os.makedirs(log_dir, exist_ok=True)
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.metrics_keys = list(reader.fieldnames or [])
+                rows = list(reader)
+            # rows logged after the checkpoint we resume from belong to an abandoned trajectory
+            keep = [r for r in rows if resume_step is not None and r.get("step", "").isdigit() and int(r["step"]) < resume_step]
+            if len(keep) != len(rows) or resume_step is None:
+                tmp = path.with_name(path.name + ".tmp")
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                    w.writeheader()
+                    w.writerows(keep)
+                os.replace(tmp, path)
+
+    def log_hparams(self, params) -> None:  # the resolved config is RUN/config.yaml already
+        pass
+
+
+class RunCSVLogger(CSVLogger):
+    """``RUN/logs/metrics.csv``: one file across resumes (rows past the resumed step are dropped)."""
+
+    def __init__(self, save_dir: str | Path, resume_step: int | None):
+        super().__init__(save_dir=str(save_dir), name="logs", version="")
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
+def wandb_logger(cfg, out: Path):
+    w = cfg.logger.wandb
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("logger.wandb.enabled=true needs wandb: pip install wandb") from None
+    mode = os.environ.get("WANDB_MODE") or w.mode
+    if mode == "auto":
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc()
+        mode = "online" if has_key else "offline"
+        if not has_key:
+            print(f"[dlmtrain] no W&B API key configured: logging offline to {out / 'wandb'} (wandb sync to upload)")
+    run_id = "dlm-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]  # requeues continue the run
+    return WandbLogger(
+        project=w.project, entity=w.entity or None, name=cfg.run.name, save_dir=str(out), id=run_id,
+        resume="allow", mode=mode, tags=list(w.tags),
+    )
+
+
+def _netrc() -> str:
+    p = Path.home() / ".netrc"
+    return p.read_text() if p.exists() else ""
