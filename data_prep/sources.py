@@ -258,7 +258,8 @@ def _jsonl_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tu
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
-                _bad(stats, opts, f"{src.path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                # json's own messages may end in "at" ("Unterminated string starting at"): say it once
+                _bad(stats, opts, f"{src.path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             value = _get_field(rec, opts.field)
             if not isinstance(value, str):
