@@ -31,7 +31,8 @@ def check_out(out: Path, spelled: str, input_paths: list[str]) -> None:
     for raw in input_paths:
         d = Path(raw).expanduser().resolve()
         if d.is_dir() and (out == d or d in out.parents):
-            raise DataError(f"--out {spelled} lies inside the input directory {raw}, so its shards would be read "
+            where = "is" if out == d else "lies inside"
+            raise DataError(f"--out {spelled} {where} the input directory {raw}, so its shards would be read "
                             f"as input next time; choose an --out outside {raw}")
     missing = [a for a in [out, *out.parents] if not a.exists()]
     base = out.parents[len(missing) - 1] if missing else out
@@ -92,15 +93,17 @@ def recover(out: Path) -> bool:
     return False
 
 
-def verify(out: Path, manifest: dict, full: bool) -> tuple[list[str], int, float]:
-    """Files of the dataset that differ from the manifest (size; sha256 too if ``full``), bytes read, seconds."""
+def verify(out: Path, manifest: dict, full: bool, tick=None) -> tuple[list[str], int, float]:
+    """Files of the dataset that differ from the manifest (size; sha256 too if ``full``), bytes read, seconds.
+
+    ``tick(files_done, files, bytes_read)`` is called after each file (progress lines)."""
     t = time.time()
     want = [(s["name"], s["bytes"], s["sha256"]) for sp in manifest["splits"].values() for s in sp["shards"]]
     tok = manifest.get("tokenizer", {})
     if tok.get("file") and tok.get("sha256"):
         want.append((tok["file"], None, tok["sha256"]))
     bad, read = [], 0
-    for name, size, sha in want:
+    for i, (name, size, sha) in enumerate(want):
         p = out / name
         if not p.is_file():
             bad.append(f"{name} is missing")
@@ -110,4 +113,6 @@ def verify(out: Path, manifest: dict, full: bool) -> tuple[list[str], int, float
             read += p.stat().st_size
             if file_sha256(p) != sha:
                 bad.append(f"{name} has another sha256 than the manifest")
+        if tick is not None:
+            tick(i + 1, len(want), read)
     return bad, read, time.time() - t

@@ -535,7 +535,8 @@ def _prepare(o: PrepOptions, out: Path, train_sources: list[Source], val_sources
         if old.get("fingerprint") != fp and not o.overwrite:
             raise DataError(_refusal(o, out, old, settings, records))
         if not o.overwrite:
-            bad, read, secs = outdir.verify(out, old, full=o.verify)
+            bad, read, secs = outdir.verify(out, old, full=o.verify, tick=lambda i, n, b: prog.line(
+                lambda: f"checking shards against the manifest: {i}/{n} files, {b / 1e6:,.1f} MB read"))
             checked = (f"sha256 of {read / 1e6:,.1f} MB of shards checked in {secs:.2f} s" if o.verify
                        else "shard sizes checked, not their sha256 (--no-verify)")
             if not bad:
