@@ -18,6 +18,12 @@ examples:
   # Parquet column "content", byte-level tokens, paragraphs of text files as documents
   python -m data_prep corpus.parquet --column content --tokenizer bytes --out data/bytes
 
+rerunning: the same command on a finished --out checks the inputs (resolved paths and contents)
+and settings; if they match it checks every shard's sha256 against manifest.json (a full read;
+--no-verify: sizes only) and rebuilds the dataset if any differ; if they differ it refuses, saying
+what changed. --overwrite and such rebuilds write the new dataset to OUT/.prep-new/ and swap it in
+when complete, so the old one stays intact if the run fails or is interrupted.
+
 exit codes: 0 done (or already up to date), 2 bad input (one line on stderr), 130 interrupted
 (re-run the same command to resume from the last finished shard).
 """
@@ -34,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text files, directories (searched recursively), .jsonl, .parquet, .gz variants of these, "
                         "or a Hugging Face dataset directory written by save_to_disk")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if missing; not inside an input directory)")
 
     g = p.add_argument_group("reading")
     g.add_argument("--glob", default="*", metavar="PATTERN",
@@ -55,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                    help="a JSONL line that is not JSON or lacks the field: fail (exit 2, naming file and line) or "
                         "skip and count it (default: %(default)s)")
+    g.add_argument("--max-undecodable", type=float, default=0.01, metavar="F",
+                   help="text files (not JSONL/Parquet): skip a file as binary when more than this fraction of its "
+                        "bytes are not UTF-8, or when its first 8 KB hold a NUL byte; counted in the manifest and "
+                        "listed in OUT/inputs.json (default: %(default)s; 1 keeps all but NUL files)")
 
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", metavar="PATH|bytes",
@@ -86,9 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, metavar="N",
                    help="tokenizer processes (default: all %d CPUs)" % (os.cpu_count() or 1))
     g.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset already in --out that was made from other inputs or settings "
-                        "(an interrupted run is resumed without it)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="replace a dataset already in --out that was made from other inputs or settings; the new one "
+                        "is built in OUT/.prep-new/ and swapped in when complete (not needed to resume an "
+                        "interrupted run)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="on a rerun over a finished dataset, check only the shards' sizes, not their sha256 "
+                        "(which reads every shard)")
+    g.add_argument("--progress-every", type=float, default=15.0, metavar="S",
+                   help="when stderr is not a terminal (logs, batch jobs): print a progress line every S seconds "
+                        "and at each finished shard (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -103,7 +121,8 @@ def options_from_args(a: argparse.Namespace):
         split_on=a.split_on, on_error=a.on_error, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer,
         vocab_size=a.vocab_size, tokenizer_train_bytes=parse_size(a.tokenizer_train_bytes), special_names=names,
         seq_len=a.seq_len, dtype=a.dtype, shard_size=parse_size(a.shard_size), workers=a.workers,
-        overwrite=a.overwrite, progress=False if a.no_progress else None, quiet=a.quiet,
+        max_undecodable=a.max_undecodable, overwrite=a.overwrite, verify=not a.no_verify,
+        progress=False if a.no_progress else None, progress_every=a.progress_every, quiet=a.quiet,
     )
 
 
@@ -120,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("data_prep: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions changed mid-run, ...: what is written so far stays resumable
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"data_prep: error: {e.strerror or e}{where}; fix that and re-run the same command to resume",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ position in ``.prep-state.json`` (document index, tokens of that document consum
 counters). Re-running the same command after an interruption continues from the last
 committed shard of the split in progress; the result is byte-identical to an
 uninterrupted run. Different inputs or settings restart cleanly (our shards are removed
-first); an existing complete dataset is left alone unless ``--overwrite``.
+first).
+
+A finished dataset is never deleted before its replacement is complete. A rerun checks the
+inputs (data_prep/inputs.py: resolved paths and contents) and settings against the
+manifest: if they differ it refuses, saying what changed, unless ``--overwrite``; if they
+match it checks every shard's size and sha256 (a full read; ``--no-verify`` checks sizes
+only) and, when some differ, says which and rebuilds. Both rebuilds are written to
+``OUT/.prep-new/`` and swapped in when complete (data_prep/outdir.py).
 """
 
 from __future__ import annotations
@@ -34,15 +41,18 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from data_prep import outdir
+from data_prep.inputs import binary_reason, changes, identity, scan_inputs
 from data_prep.pack import Packer
-from data_prep.sources import ReadOptions, ReadStats, Source, discover, fingerprint_sources, iter_documents, source_size
+from data_prep.sources import ReadOptions, ReadStats, Source, discover, iter_documents, source_size
 from dlmtrain.data.format import FORMAT, FORMAT_VERSION, ShardWriter, write_json_atomic
 from dlmtrain.data.tokenizer import ByteTokenizer, Tokenizer, file_sha256, hf_from_str, load_hf
-from dlmtrain.errors import DataError
+from dlmtrain.errors import DataError, UserError
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: fingerprint of resolved paths + contents, binary files skipped
 JOURNAL = ".prep-state.json"
-_OURS = re.compile(r"^((train|val)-\d{6}\.tar|manifest\.json|tokenizer\.json)(\.tmp-\d+)?$|^\.prep-state\.json(\.tmp-\d+)?$")
+INPUTS = "inputs.json"  # one record per input file (data_prep/inputs.py)
+_PROVENANCE = ("inputs", "val_inputs", "glob", "exclude", "format")  # settings the input records already cover
 _CHUNK_CHARS = 1 << 19  # text per tokenization task
 _CHUNK_DOCS = 512
 
@@ -72,8 +82,11 @@ class PrepOptions:
     dtype: str = "auto"
     shard_size: int = 256 << 20
     workers: int = 0  # 0: all CPUs
+    max_undecodable: float = 0.01  # text files with more non-UTF-8 bytes than this fraction are skipped
     overwrite: bool = False
-    progress: bool | None = None  # None: when stderr is a terminal
+    verify: bool = True  # on a rerun, check shards' sha256 (else sizes only)
+    progress: bool | None = None  # None: a bar when stderr is a terminal, else lines; False: nothing
+    progress_every: float = 15.0  # seconds between progress lines when not on a terminal
     quiet: bool = False
 
 
@@ -124,6 +137,10 @@ def _validate(o: PrepOptions) -> None:
         raise DataError("--shard-size must be positive")
     if o.workers < 0:
         raise DataError("--workers must be >= 0")
+    if not 0 <= o.max_undecodable <= 1:
+        raise DataError(f"--max-undecodable {o.max_undecodable} must lie in [0, 1]")
+    if o.progress_every < 0:
+        raise DataError("--progress-every must be >= 0 seconds")
 
 
 def _read_options(o: PrepOptions) -> ReadOptions:
@@ -133,16 +150,66 @@ def _read_options(o: PrepOptions) -> ReadOptions:
 def _clean(out: Path, everything: bool) -> None:
     """Remove what an earlier run of ours left: temp files always; shards, manifest, journal if ``everything``."""
     for p in out.iterdir():
-        if not _OURS.match(p.name):
+        if not outdir.OURS.match(p.name):
             continue
         if ".tmp-" in p.name or everything:
             p.unlink(missing_ok=True)
 
 
+def _load_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (logs, SLURM) one line on stderr every ``every`` seconds
+    and at each committed shard (at most one a second), so a long run is never silent."""
+
+    def __init__(self, o: PrepOptions):
+        self.bar, self.every, self.last, self.tokens = None, None, time.monotonic(), 0
+        if o.quiet or o.progress is False:
+            return
+        if o.progress or sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(unit=" docs", desc="data_prep", dynamic_ncols=True, smoothing=0.1,
+                                bar_format="{desc}{n_fmt} docs{postfix} [{elapsed}, {rate_fmt}]")
+                return
+            except ImportError:
+                pass
+        self.every = o.progress_every
+
+    def line(self, text: Callable[[], str], gap: float | None = None) -> None:
+        """Print ``text()`` if ``gap`` (default: ``every``) seconds passed since the last line."""
+        if self.every is None:
+            return
+        now = time.monotonic()
+        if now - self.last >= (self.every if gap is None else min(gap, self.every)):
+            self.last = now
+            print(f"data_prep: {text()}", file=sys.stderr, flush=True)
+
+    def doc(self, text: Callable[[], str], tokens: int) -> None:
+        self.tokens = tokens
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.bar.n % 64 == 0:
+                self.bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+        self.line(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens", refresh=True)
+            self.bar.close()
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _train_bpe(sources: list[Source], o: PrepOptions, val_fraction: float) -> Tokenizer:
+def _train_bpe(sources: list[Source], o: PrepOptions, val_fraction: float, prog: _Progress) -> Tokenizer:
     from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
 
     from dlmtrain.data.tokenizer import DEFAULT_SPECIALS, SPECIAL_NAMES
@@ -152,8 +219,13 @@ def _train_bpe(sources: list[Source], o: PrepOptions, val_fraction: float) -> To
     budget = [o.tokenizer_train_bytes]
     stats = ReadStats()
 
+    def line() -> str:
+        return (f"training the tokenizer: {stats.files_done}/{len(sources)} files, {stats.bytes_read() / 1e6:,.1f} MB "
+                f"read, {(o.tokenizer_train_bytes - budget[0]) / 1e6:,.1f} MB of text sampled")
+
     def texts() -> Iterator[str]:
         for text, _ in iter_documents(sources, _read_options(o), stats):
+            prog.line(line)
             if not text:
                 continue
             b = text.encode("utf-8")
@@ -260,8 +332,9 @@ class _Ctx:
     dtype: str
     workers: int
     journal: dict
-    bar: object
+    prog: _Progress
     t_tokens: list  # [document tokens tokenized in this run]
+    t_start: float
 
 
 def _write_journal(ctx: _Ctx) -> None:
@@ -293,14 +366,18 @@ def _run_split(ctx: _Ctx, split: str, sources: list[Source], select: Callable[[b
                 continue
             yield i, text, rep
 
-    bar = ctx.bar
+    n_files = len(sources)
+
+    def line() -> str:
+        rate = ctx.t_tokens[0] / max(time.time() - ctx.t_start, 1e-9)
+        return (f"{split}: {stats.files_done}/{n_files} files, {stats.bytes_read() / 1e6:,.1f} MB read, "
+                f"{counters['documents']:,} documents, {ctx.t_tokens[0]:,} tokens, {rate:,.0f} tokens/s, "
+                f"{len(shards)} shards")
+
     try:
         for i, toks, rep in _tokenized(docs(), ctx.tok, ctx.workers):
             before = dict(counters)
-            if bar is not None:
-                bar.update(1)
-                if bar.n % 64 == 0:
-                    bar.set_postfix_str(f"{ctx.t_tokens[0]:,} tokens", refresh=False)
+            ctx.prog.doc(line, ctx.t_tokens[0])
             if len(toks) == 0:
                 counters["empty_documents_skipped"] += 1
                 continue
@@ -316,6 +393,7 @@ def _run_split(ctx: _Ctx, split: str, sources: list[Source], select: Callable[[b
                     cur.update(next_doc=di, skip_tokens=consumed, counters=before, shards=list(shards),
                                sample_index=writer.sample_index)
                     _write_journal(ctx)
+                    ctx.prog.line(lambda: f"wrote {rec['name']} ({rec['bytes'] / 1e6:,.1f} MB); {line()}", gap=1.0)
                     _after_commit(split, rec)
         rec = writer.finish()
     except BaseException:
@@ -330,12 +408,10 @@ def _run_split(ctx: _Ctx, split: str, sources: list[Source], select: Callable[[b
         "tokens_dropped_tail": packer.pending,
         **counters,
         "bad_records_skipped": stats.bad_records,
+        "bad_records_first": stats.examples[0] if stats.examples else None,
     }
     if result["tokens_written"] + result["tokens_dropped_tail"] != result["document_tokens"] + result["eos_tokens"]:
         raise RuntimeError(f"token accounting failed for split {split}: {result}")  # a bug, not a user error
-    if stats.examples and not o.quiet:
-        print(f"data_prep: skipped {stats.bad_records} bad record(s) in the {split} pass, e.g. {stats.examples[0]}",
-              file=sys.stderr)
     ctx.journal.setdefault("done", {})[split] = result
     ctx.journal["current"] = None
     _write_journal(ctx)
@@ -353,55 +429,154 @@ def prepare(opts: PrepOptions) -> dict:
     train_sources = discover(o.inputs, o.glob, o.exclude, o.format)
     val_sources = discover(o.val_inputs, o.glob, o.exclude, o.format) if o.val_inputs else []
     val_fraction = 0.0 if o.val_inputs else (0.01 if o.val_fraction is None else o.val_fraction)
-    out = Path(o.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {o.out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    ropts = _read_options(o)
+    out = Path(o.out).expanduser().resolve()
+    outdir.check_out(out, o.out, o.inputs + o.val_inputs)
+    if outdir.recover(out):
+        _say(o, f"data_prep: installed the complete dataset an interrupted run left in {out / outdir.NEW}")
+    prog = _Progress(o)
+    try:
+        return _prepare(o, out, train_sources, val_sources, val_fraction, prog, t0)
+    finally:
+        prog.close()
+
+
+def _scan(o: PrepOptions, out: Path, sources: dict[str, list[Source]], prog: _Progress) -> dict[str, list[dict]]:
+    """Input records per split (see data_prep/inputs.py), marking text files skipped as binary."""
+    cache = {}
+    for d in (out, out / outdir.NEW):
+        for recs in _load_json(d / INPUTS).values():
+            cache.update({r["path"]: r for r in recs if isinstance(r, dict) and "path" in r})
+    t, done = time.time(), [0, 0]
+
+    def tick(n_bytes: int) -> None:
+        done[0] += 1
+        done[1] += n_bytes
+        prog.line(lambda: f"fingerprinting inputs: {done[0]:,} files, {done[1] / 1e6:,.1f} MB read")
+
+    records = {split: scan_inputs(srcs, cache, tick) for split, srcs in sources.items()}
+    if time.time() - t >= 1:
+        _say(o, f"data_prep: read {done[0]:,} input files ({done[1] / 1e6:,.1f} MB) to fingerprint them "
+                f"in {time.time() - t:.1f} s")
+    for recs in records.values():
+        for r in recs:
+            r["skipped"] = binary_reason(r, o.max_undecodable)
+    return records
+
+
+def _without_binary(sources: list[Source], records: list[dict], what: str) -> list[Source]:
+    skip = {r["path"] for r in records if r["skipped"]}
+    kept = [s for s in sources if s.kind != "text" or str(Path(s.path).resolve()) not in skip]
+    if sources and not kept:
+        first = next(r for r in records if r["skipped"])
+        raise DataError(f"every {what} file was skipped as binary ({len(skip)} file(s); first: {first['path']}: "
+                        f"{first['skipped']}); give text files, or raise --max-undecodable")
+    return kept
+
+
+def _fingerprint(settings: dict, records: dict[str, list[dict]]) -> str:
+    key = {"settings": {k: v for k, v in settings.items() if k not in _PROVENANCE},
+           "inputs": {split: identity(recs) for split, recs in records.items()}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _refusal(o: PrepOptions, out: Path, old: dict, settings: dict, records: dict) -> str:
+    """The one-line refusal to replace a dataset made otherwise, saying what differs."""
+    old_settings = old.get("settings") or {}
+    if not old_settings:
+        what = ["its manifest.json is unreadable or not written by data_prep"]
+    elif old_settings.get("prep_version") != PREP_VERSION:
+        what = [f"it was made by data_prep format {old_settings.get('prep_version')}, this is {PREP_VERSION}"]
+    else:
+        a, b = _flat(old_settings), _flat(settings)
+        what = [f"{k} {json.dumps(a.get(k))[:60]} -> {json.dumps(b.get(k))[:60]}" for k in sorted(set(a) | set(b))
+                if k.split(".")[0] not in _PROVENANCE and a.get(k) != b.get(k)]
+        old_records = _load_json(out / INPUTS)
+        what += changes(old_records, records) if old_records else []
+        what = what or ["inputs differ"]
+    msg = (f"{o.out} already holds a dataset made from other inputs or settings ({'; '.join(what[:4])}); pass "
+           "--overwrite to replace it (the old one is kept until the new one is complete), or choose another --out")
+    if (out / outdir.NEW / JOURNAL).is_file():
+        msg += f"; an interrupted --overwrite run waits in {out / outdir.NEW}: re-run it with --overwrite to resume"
+    return msg
+
+
+def _prepare(o: PrepOptions, out: Path, train_sources: list[Source], val_sources: list[Source], val_fraction: float,
+             prog: _Progress, t0: float) -> dict:
+    records = _scan(o, out, {"train": train_sources, "val": val_sources}, prog)
+    train_sources = _without_binary(train_sources, records["train"], "input")
+    val_sources = _without_binary(val_sources, records["val"], "--val-input")
+    binary = [f"{r['path']}: {r['skipped']}" for recs in records.values() for r in recs if r["skipped"]]
     settings = {
         "prep_version": PREP_VERSION,
-        "inputs": list(o.inputs), "val_inputs": list(o.val_inputs), "val_fraction": val_fraction,
-        "glob": o.glob, "exclude": list(o.exclude), "format": o.format, "read": asdict(ropts),
-        "seq_len": o.seq_len, "dtype": o.dtype, "shard_size": o.shard_size,
+        "inputs": [str(Path(i).expanduser().resolve()) for i in o.inputs],
+        "val_inputs": [str(Path(i).expanduser().resolve()) for i in o.val_inputs],
+        "glob": o.glob, "exclude": list(o.exclude), "format": o.format,
+        "val_fraction": val_fraction, "read": asdict(_read_options(o)), "seq_len": o.seq_len, "dtype": o.dtype,
+        "shard_size": o.shard_size, "max_undecodable": o.max_undecodable, "tokenizer_source": _tokenizer_spec(o),
     }
-    fp_input = {
-        "settings": settings, "tokenizer": _tokenizer_spec(o),
-        "train_sources": fingerprint_sources(train_sources), "val_sources": fingerprint_sources(val_sources),
-    }
-    fp = hashlib.sha256(json.dumps(fp_input, sort_keys=True).encode()).hexdigest()
-
+    fp = _fingerprint(settings, records)
     user_tok = load_hf(o.tokenizer, o.special_names) if o.tokenizer not in (None, "bytes") else None
 
+    # where to build: OUT itself, or OUT/.prep-new when a finished dataset must stay until its replacement is whole
     manifest_path = out / "manifest.json"
-    if manifest_path.exists() and not o.overwrite:
-        try:
-            old = json.loads(manifest_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("fingerprint") != fp:
-            raise DataError(f"{out} already holds a prepared dataset made from other inputs or settings; "
-                            "pass --overwrite to replace it, or choose another --out")
-        complete = all(
-            (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-            for sp in old["splits"].values() for s in sp["shards"]
-        )
-        if complete:
-            _say(o, f"data_prep: {manifest_path} is up to date (same inputs and settings); nothing to do")
-            return old
-    journal = None
-    if not o.overwrite and (out / JOURNAL).exists():
-        try:
-            journal = json.loads((out / JOURNAL).read_text())
-        except ValueError:
-            journal = None
-        if journal is not None and journal.get("fingerprint") != fp:
-            journal = None
+    build = out
+    if manifest_path.exists():
+        old = _load_json(manifest_path)
+        if old.get("fingerprint") != fp and not o.overwrite:
+            raise DataError(_refusal(o, out, old, settings, records))
+        if not o.overwrite:
+            bad, read, secs = outdir.verify(out, old, full=o.verify, tick=lambda i, n, b: prog.line(
+                lambda: f"checking shards against the manifest: {i}/{n} files, {b / 1e6:,.1f} MB read"))
+            checked = (f"sha256 of {read / 1e6:,.1f} MB of shards checked in {secs:.2f} s" if o.verify
+                       else "shard sizes checked, not their sha256 (--no-verify)")
+            if not bad:
+                if _load_json(out / INPUTS) != records:  # e.g. touched files: save their mtimes, saving rereads
+                    write_json_atomic(out / INPUTS, records)
+                _say(o, f"data_prep: {manifest_path} is up to date (same inputs and settings; {checked}); nothing to do")
+                return old
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            print(f"data_prep: {len(bad)} file(s) in {out} differ from its manifest ({'; '.join(bad[:3])}{more}; "
+                  f"{checked}); rebuilding the dataset in {out / outdir.NEW}, swapped in when complete",
+                  file=sys.stderr, flush=True)
+        build = out / outdir.NEW
+        build.mkdir(exist_ok=True)
+    try:
+        manifest, rate = _build(o, build, train_sources, val_sources, val_fraction, prog, settings, records, fp, user_tok,
+                          binary)
+    except UserError:
+        if build != out:  # a failed replacement leaves the old dataset exactly as it was
+            outdir.remove_ours(build, rmdir=True)
+        raise
+    if build != out:
+        outdir.install(out, build)
+    manifest_path = out / "manifest.json"
+    _summary(o, manifest, manifest_path, val_fraction > 0 or bool(val_sources), binary, rate, t0)
+    return manifest
+
+
+def _build(o: PrepOptions, out: Path, train_sources: list[Source], val_sources: list[Source], val_fraction: float,
+           prog: _Progress, settings: dict, records: dict, fp: str, user_tok, binary: list[str]) -> tuple[dict, float]:
+    """Write the dataset into ``out`` (resuming a journal of the same fingerprint); returns the manifest, tokens/s."""
+    journal = _load_json(out / JOURNAL) or None
+    if journal is not None and journal.get("fingerprint") != fp:
+        journal = None
     _clean(out, everything=journal is None)
     if journal is None:
         journal = {"fingerprint": fp, "tokenizer": None, "done": {}, "current": None}
     else:
         done = ", ".join(journal.get("done", {})) or "none"
         _say(o, f"data_prep: resuming the interrupted run in {out} (finished splits: {done})")
+    write_json_atomic(out / INPUTS, records)
 
     # tokenizer
     tok_file = None
@@ -415,7 +590,7 @@ def prepare(opts: PrepOptions) -> dict:
             tok = hf_from_str(tfile.read_text(), specials)
         else:
             t = time.time()
-            tok = _train_bpe(train_sources, o, val_fraction)
+            tok = _train_bpe(train_sources, o, val_fraction, prog)
             _say(o, f"data_prep: trained a byte-level BPE of {tok.vocab_size} tokens in {time.time() - t:.1f} s")
         tok_file = "tokenizer.json"
     else:
@@ -440,45 +615,28 @@ def prepare(opts: PrepOptions) -> dict:
                         "use --dtype uint32 or auto")
 
     workers = o.workers or os.cpu_count() or 1
-    bar = None
-    show = o.progress if o.progress is not None else sys.stderr.isatty()
-    if show and not o.quiet:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(unit=" docs", desc="data_prep", dynamic_ncols=True, smoothing=0.1,
-                       bar_format="{desc}{n_fmt} docs{postfix} [{elapsed}, {rate_fmt}]")
-            bar.set_postfix_str("0 tokens", refresh=False)
-        except ImportError:
-            bar = None
-    ctx = _Ctx(out=out, opts=o, tok=tok, dtype=dtype, workers=workers, journal=journal, bar=bar, t_tokens=[0])
-    t_start = time.time()
-    try:
-        results = {}
-        if val_sources:
-            plan = [("val", val_sources, None), ("train", train_sources, None)]
-        elif val_fraction > 0:
-            plan = [("val", train_sources, lambda b: _doc_hash(b)[0] < val_fraction),
-                    ("train", train_sources, lambda b: _doc_hash(b)[0] >= val_fraction)]
-        else:
-            plan = [("train", train_sources, None)]
-        for split, sources, select in plan:
-            if split in journal.get("done", {}):
-                results[split] = journal["done"][split]
-                continue
-            if bar is not None:
-                bar.set_description(f"data_prep {split}")
-            results[split] = _run_split(ctx, split, sources, select)
-    finally:
-        if bar is not None:
-            bar.set_postfix_str(f"{ctx.t_tokens[0]:,} tokens", refresh=True)
-            bar.close()
-    elapsed = time.time() - t_start
+    ctx = _Ctx(out=out, opts=o, tok=tok, dtype=dtype, workers=workers, journal=journal, prog=prog, t_tokens=[0],
+               t_start=time.time())
+    results = {}
+    if val_sources:
+        plan = [("val", val_sources, None), ("train", train_sources, None)]
+    elif val_fraction > 0:
+        plan = [("val", train_sources, lambda b: _doc_hash(b)[0] < val_fraction),
+                ("train", train_sources, lambda b: _doc_hash(b)[0] >= val_fraction)]
+    else:
+        plan = [("train", train_sources, None)]
+    for split, sources, select in plan:
+        if split in journal.get("done", {}):
+            results[split] = journal["done"][split]
+            continue
+        if prog.bar is not None:
+            prog.bar.set_description(f"data_prep {split}")
+        results[split] = _run_split(ctx, split, sources, select)
+    elapsed = time.time() - ctx.t_start
 
     splits = {s: results.get(s, _empty_split()) for s in ("train", "val")}
     if splits["train"]["samples"] == 0:
-        journal_path = out / JOURNAL
-        journal_path.unlink(missing_ok=True)
+        (out / JOURNAL).unlink(missing_ok=True)
         raise DataError(
             f"no training sequence could be made: {splits['train']['document_tokens'] + splits['train']['eos_tokens']} "
             f"training tokens are fewer than --seq-len {o.seq_len}; give more input or a smaller --seq-len"
@@ -487,8 +645,10 @@ def prepare(opts: PrepOptions) -> dict:
         "documents", "document_tokens", "eos_tokens", "tokens_written", "tokens_dropped_tail", "samples",
         "empty_documents_skipped", "replaced_bytes")}
     totals["shards"] = len(splits["train"]["shards"]) + len(splits["val"]["shards"])
+    # with --val-fraction both passes read the same records: count them once
     totals["bad_records_skipped"] = splits["train"]["bad_records_skipped"] + (
         splits["val"]["bad_records_skipped"] if val_sources else 0)
+    totals["binary_files_skipped"] = len(binary)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -508,32 +668,44 @@ def prepare(opts: PrepOptions) -> dict:
         },
         "splits": splits,
         "totals": totals,
+        "binary_files_skipped": binary[:5],  # the first few; inputs.json marks every one
         "accounting": "per split: tokens_written + tokens_dropped_tail == document_tokens + eos_tokens",
         "settings": settings,
         "fingerprint": fp,
     }
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(out / "manifest.json", manifest)
     (out / JOURNAL).unlink(missing_ok=True)
-    rate = ctx.t_tokens[0] / elapsed if elapsed > 0 else 0.0
-    tr, va = splits["train"], splits["val"]
-    _say(o, (
-        f"data_prep: {totals['documents']:,} documents ({tr['documents']:,} train, {va['documents']:,} val), "
-        f"{totals['document_tokens']:,} tokens -> {totals['samples']:,} sequences of {o.seq_len} in {totals['shards']} "
-        f"shards ({len(tr['shards'])} train, {len(va['shards'])} val), {dtype}; {rate:,.0f} tokens/s, "
-        f"{time.time() - t0:.1f} s total"
-    ))
-    _say(o, (
-        f"data_prep: dropped tail tokens {totals['tokens_dropped_tail']:,}, empty documents skipped "
-        f"{totals['empty_documents_skipped']:,}, replaced undecodable bytes {totals['replaced_bytes']:,}, "
-        f"bad records skipped {totals['bad_records_skipped']:,}; wrote {manifest_path}"
-    ))
-    if (val_fraction > 0 or val_sources) and splits["val"]["samples"] == 0 and not o.quiet:
-        print(f"data_prep: warning: the validation split is empty ({splits['val']['documents']} documents, "
-              f"{splits['val']['tokens_dropped_tail']} tokens < --seq-len); raise --val-fraction or pass --val-input",
-              file=sys.stderr)
-    return manifest
+    return manifest, (ctx.t_tokens[0] / elapsed if elapsed > 0 else 0.0)
+
+
+def _summary(o: PrepOptions, m: dict, manifest_path: Path, has_val: bool, binary: list[str], rate: float,
+             t0: float) -> None:
+    if o.quiet:
+        return
+    totals, tr, va = m["totals"], m["splits"]["train"], m["splits"]["val"]
+    val_docs = f", {va['documents']:,} val" if has_val else "; no validation split: --val-fraction 0"
+    val_shards = f", {len(va['shards'])} val" if has_val else ""
+    print(f"data_prep: {totals['documents']:,} documents ({tr['documents']:,} train{val_docs}), "
+          f"{totals['document_tokens']:,} tokens -> {totals['samples']:,} sequences of {m['seq_len']} in "
+          f"{totals['shards']} shards ({len(tr['shards'])} train{val_shards}), {m['dtype']}; "
+          f"{rate:,.0f} tokens/s, {time.time() - t0:.1f} s total", flush=True)
+    print(f"data_prep: dropped tail tokens {totals['tokens_dropped_tail']:,}, empty documents skipped "
+          f"{totals['empty_documents_skipped']:,}, replaced undecodable bytes {totals['replaced_bytes']:,}, "
+          f"bad records skipped {totals['bad_records_skipped']:,}, binary files skipped {len(binary):,}; "
+          f"wrote {manifest_path}", flush=True)
+    if binary:
+        print(f"data_prep: skipped {len(binary)} binary file(s) (first: {binary[0]}); {INPUTS} lists them",
+              file=sys.stderr, flush=True)
+    first_bad = tr["bad_records_first"] or va["bad_records_first"]
+    if totals["bad_records_skipped"]:
+        print(f"data_prep: skipped {totals['bad_records_skipped']} bad record(s) (first: {first_bad})",
+              file=sys.stderr, flush=True)
+    if has_val and va["samples"] == 0:
+        print(f"data_prep: warning: the validation split is empty ({va['documents']} documents, "
+              f"{va['tokens_dropped_tail']} tokens < --seq-len); raise --val-fraction or pass --val-input",
+              file=sys.stderr, flush=True)
 
 
 def _empty_split() -> dict:
     return {"shards": [], "samples": 0, "tokens_written": 0, "tokens_dropped_tail": 0,
-            **{k: 0 for k in _COUNTERS}, "bad_records_skipped": 0}
+            **{k: 0 for k in _COUNTERS}, "bad_records_skipped": 0, "bad_records_first": None}

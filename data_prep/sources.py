@@ -17,7 +17,8 @@ Directories are walked recursively in sorted order, keeping files whose name mat
 ``--glob`` and skipping hidden entries and ``--exclude`` matches.
 
 Bytes that are not UTF-8 are replaced by U+FFFD and counted; so are lone surrogates
-from JSON escapes (the tokenizers need valid UTF-8).
+from JSON escapes (the tokenizers need valid UTF-8). Text files that look binary are
+dropped before reading (data_prep/inputs.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def _count_replace(err: UnicodeError):
 
 
 codecs.register_error("dlmtrain-count", _count_replace)
+
+
+def count_replaced(decode_fn) -> int:
+    """How many bytes were replaced while ``decode_fn()`` decoded with ``errors="dlmtrain-count"``."""
+    before = _replaced[0]
+    decode_fn()
+    return _replaced[0] - before
 
 
 def decode(data: bytes) -> tuple[str, int]:
@@ -97,6 +105,15 @@ class ReadOptions:
 class ReadStats:
     bad_records: int = 0
     examples: list = field(default_factory=list)  # the first few bad-record messages
+    files_done: int = 0  # sources read to the end (progress lines)
+    bytes_done: int = 0  # their sizes on disk
+    reading: object = None  # the raw file being read, for bytes_read()
+
+    def bytes_read(self) -> int:
+        try:
+            return self.bytes_done + (self.reading.tell() if self.reading is not None else 0)
+        except (OSError, ValueError):  # closed meanwhile
+            return self.bytes_done
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -163,26 +180,13 @@ def source_size(src: Source) -> int:
     return p.stat().st_size
 
 
-def fingerprint_sources(sources: list[Source]) -> list:
-    """What identifies the inputs for resume/up-to-date checks: path, kind, size, mtime."""
-    rows = []
-    for s in sources:
-        p = Path(s.path)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            st = [(f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-            rows.append([str(p.resolve()), s.kind, st])
-        else:
-            st = p.stat()
-            rows.append([str(p.resolve()), s.kind, s.gz, st.st_size, st.st_mtime_ns])
-    return rows
-
-
-def _open(src: Source):
+def _open(src: Source, stats: ReadStats):
     try:
-        return gzip.open(src.path, "rb") if src.gz else open(src.path, "rb")
+        f = gzip.open(src.path, "rb") if src.gz else open(src.path, "rb")
     except OSError as e:
         raise DataError(f"cannot open {src.path}: {e.strerror or e}") from None
+    stats.reading = getattr(f, "fileobj", f)  # for gzip: the compressed file, so progress counts bytes on disk
+    return f
 
 
 def _read_guard(src: Source):
@@ -211,8 +215,8 @@ def _strip_eol(line: bytes) -> bytes:
     return line
 
 
-def _text_docs(src: Source, opts: ReadOptions) -> Iterator[tuple[str, int]]:
-    with _read_guard(src), _open(src) as f:
+def _text_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tuple[str, int]]:
+    with _read_guard(src), _open(src, stats) as f:
         if opts.split_on == "none":
             yield decode(f.read())
         elif opts.split_on == "line":
@@ -250,7 +254,7 @@ def _get_field(rec, dotted: str):
 
 
 def _jsonl_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tuple[str, int]]:
-    with _read_guard(src), _open(src) as f:
+    with _read_guard(src), _open(src, stats) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -258,7 +262,8 @@ def _jsonl_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tu
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
-                _bad(stats, opts, f"{src.path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                # json's own messages may end in "at" ("Unterminated string starting at"): say it once
+                _bad(stats, opts, f"{src.path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             value = _get_field(rec, opts.field)
             if not isinstance(value, str):
@@ -356,7 +361,7 @@ def iter_documents(sources: list[Source], opts: ReadOptions, stats: ReadStats) -
         raise DataError(f"--split-on {opts.split_on!r} is not one of: {', '.join(SPLIT_ON)}")
     for src in sources:
         if src.kind == "text":
-            yield from _text_docs(src, opts)
+            yield from _text_docs(src, opts, stats)
         elif src.kind == "jsonl":
             yield from _jsonl_docs(src, opts, stats)
         elif src.kind == "parquet":
@@ -365,6 +370,9 @@ def iter_documents(sources: list[Source], opts: ReadOptions, stats: ReadStats) -
             yield from _hf_docs(src, opts)
         else:  # pragma: no cover
             raise DataError(f"unknown input kind {src.kind}")
+        stats.reading = None
+        stats.files_done += 1
+        stats.bytes_done += source_size(src)
 
 
 __all__ = ["Source", "ReadOptions", "ReadStats", "discover", "iter_documents", "decode", "clean"]

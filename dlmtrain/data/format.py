@@ -4,6 +4,7 @@ A prepared dataset is a directory (or any prefix webdataset's ``gopen`` can open
 
     manifest.json        what is there (see below); written last, atomically
     tokenizer.json       the tokenizer (absent for the byte tokenizer)
+    inputs.json          data_prep's record of the input files (the loader does not read it)
     train-000000.tar ... webdataset shards of the training split
     val-000000.tar   ... webdataset shards of the validation split
 

@@ -109,12 +109,12 @@ def by_split(docs: list[str], frac: float) -> dict[str, list[str]]:
 def test_round_trip_bytes_and_accounting(tmp_path):
     docs = make_docs(120) + [""]  # one empty document
     write_files(tmp_path / "in", docs)
-    (tmp_path / "in" / "bad.txt").write_bytes(b"ok \xff\xfe bytes")  # 2 undecodable bytes
+    pad = " bytes" * 40  # 2 undecodable bytes in 245: under --max-undecodable 0.01, so kept
+    (tmp_path / "in" / "bad.txt").write_bytes(b"ok \xff\xfe" + pad.encode())
     m = prepare(opts([tmp_path / "in"], tmp_path / "out", val_fraction=0.2))
     out = tmp_path / "out"
-    all_docs = docs[:] + ["ok \ufffd\ufffd bytes"]
     # directory order is sorted by name: bad.txt first
-    all_docs = ["ok \ufffd\ufffd bytes"] + docs
+    all_docs = ["ok \ufffd\ufffd" + pad] + docs
     check_round_trip(out, m, ByteTokenizer(), by_split(all_docs, 0.2))
     t = m["totals"]
     assert t["empty_documents_skipped"] == 1
@@ -393,5 +393,6 @@ def test_help_documents_every_flag():
     r = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     for flag in ("--out", "--field", "--column", "--split-on", "--train-tokenizer", "--vocab-size", "--workers",
-                 "--seq-len", "--val-fraction", "--val-input", "--on-error", "--glob", "--shard-size", "--dtype"):
+                 "--seq-len", "--val-fraction", "--val-input", "--on-error", "--glob", "--shard-size", "--dtype",
+                 "--max-undecodable", "--no-verify", "--progress-every", "--overwrite"):
         assert flag in r.stdout
