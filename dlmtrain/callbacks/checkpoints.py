@@ -63,6 +63,7 @@ class RunCheckpoints(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if not self._at_boundary and self._boundary_loops is not None:
+            # the loops as at the end of the last completed step: a resumed run replays the unfinished one
             checkpoint["loops"] = copy.deepcopy(self._boundary_loops)
 
     # ---- saving ------------------------------------------------------------------------

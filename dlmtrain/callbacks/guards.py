@@ -29,7 +29,8 @@ class NonFiniteGuard(L.Callback):
     The check runs once per optimizer step (a fused norm over the gradients, one host sync,
     an all-reduce of one flag with several ranks) and logs the norm as ``train/grad_norm``
     (before clipping). If anything is non-finite, all ranks save ``nonfinite-step<N>.ckpt``
-    (the state before this step: weights, optimizer, data position) and stop with exit 3.
+    (the finite state before this step: weights, optimizer, data position; for inspection)
+    and stop with exit 3, telling how to resume from the newest regular checkpoint.
     Under ``16-mixed`` inf gradients are the loss scaler's business, so only weights are checked.
     """
 
@@ -58,10 +59,28 @@ class NonFiniteGuard(L.Callback):
         path = self.checkpoints.dir / f"nonfinite-step{step}.ckpt"
         self.checkpoints.save(trainer, path)
         loss = trainer.callback_metrics.get("train/loss")
-        hint = self.resume_hint or "re-run the same command with"
+        lr = trainer.optimizers[0].param_groups[0]["initial_lr"] if trainer.optimizers else None
+        last = self.checkpoints.last_path
+        # Resuming from the state right before the failing step recomputes the same non-finite
+        # gradients whatever the learning rate, so the way back is an earlier checkpoint.
+        if self.checkpoints.last_saved_step is not None or last.exists():
+            where = f"resume from {last.name} (the newest checkpoint, {self._step_of(last)}) with a lower learning rate"
+        else:
+            where = "start again with a lower learning rate (no earlier checkpoint exists)"
+        cmd = f"{self.resume_hint or 'the same command'} optim.lr={lr / 10:g}" if lr else "the same command with a lower optim.lr"
         raise NonFiniteLossError(
-            f"training diverged at step {step + 1}: non-finite gradients (last logged loss "
-            f"{float(loss) if loss is not None else float('nan'):.4g}); the state before this step is in {path}. "
-            f"To continue from it with other settings: {hint} run.resume={path} optim.lr=<lower> "
-            "(optim.* and the LR schedule are taken from the command line on resume)"
+            f"training diverged at step {step + 1}: the gradients are not finite (last logged loss "
+            f"{float(loss) if loss is not None else float('nan'):.4g}). To recover, {where}: run {cmd} "
+            f"(changed optim.* settings apply on resume; if it diverges again, point run.resume= at an earlier "
+            f"best-*.ckpt). The finite weights right before the failing step are in {path}, for inspection"
         )
+
+    def _step_of(self, path) -> str:
+        if self.checkpoints.last_saved_step is not None:
+            return f"step {self.checkpoints.last_saved_step}"
+        try:
+            from dlmtrain.checkpoint.files import inspect
+
+            return f"step {inspect(path).step}"
+        except Exception:
+            return "unknown step"

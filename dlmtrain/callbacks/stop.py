@@ -129,6 +129,6 @@ class StopHandler(L.Callback):
         if not pl_module.abort_validation:
             return
         saved = trainer.state.fn == "fit" and trainer.global_step > 0
-        if saved:
+        if saved:  # the cut-short validation is not redone on resume: its step has no val point
             self.checkpoints.save_last(trainer)
         self._raise(trainer, saved)

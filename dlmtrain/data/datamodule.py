@@ -80,7 +80,7 @@ class _TrackedIter:
     def __init__(self, it, loader: "TrackedLoader"):
         self._it = it
         self._loader = loader
-        self._yielded = 0
+        self._last = None  # the last batch handed out
 
     def __iter__(self):
         return self
@@ -99,6 +99,8 @@ class _TrackedIter:
         if dm is not None and self._loader.split == "val" and dm.stop_eval:
             self._shutdown()
             raise StopIteration  # a stop was agreed: end validation here on every rank
+        if self._loader.split == "train" and self._last is not None and dm is not None and dm.data_fault:
+            raise DataError(dm.data_fault)  # the stop handler should have stopped before asking again
         try:
             batch = next(self._it)
         except StopIteration:
@@ -108,12 +110,15 @@ class _TrackedIter:
             if not isinstance(e, DataError):
                 raise
             msg = _worker_message(e)
-            if dm is None or not dm.defer_faults or self._loader.split != "train" or not self._yielded:
+            if dm is None or not dm.defer_faults or self._loader.split != "train" or self._last is None:
                 raise DataError(msg) from None
-            # Defer: end this rank's stream after the batch already fetched; the stop handler
-            # sees data_fault at the end of that step, and all ranks save and stop together.
+            # Defer: Lightning fetches one batch ahead, so the batch already handed out is still
+            # to be trained. Answer with a stand-in (never trained: the stop handler sees
+            # data_fault at the end of the current batch and all ranks save and stop there).
+            # Not StopIteration: Lightning would take the current batch as the epoch's last and
+            # step the optimizer on a partial gradient accumulation.
             dm.data_fault = msg
-            raise StopIteration from None
+            return self._last
         batch, pos, fault = unpack(batch)
         if fault:  # a corrupt val shard under on_corrupt=fail: its rows arrived as padding
             if dm is None or not dm.defer_faults:
@@ -122,7 +127,7 @@ class _TrackedIter:
             dm.data_fault = dm.data_fault or fault
         if pos is not None and self._loader.on_fetch is not None:
             self._loader.on_fetch(pos)
-        self._yielded += 1
+        self._last = batch
         return batch
 
 
