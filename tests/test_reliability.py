@@ -401,3 +401,37 @@ def test_help_version_and_load_checkpoint(corpus, tmp_path, capsys):
     assert torch.equal(lm.backbone.embed.weight, raw["state_dict"]["backbone.embed.weight"])
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         dlmtrain.load_checkpoint(tmp_path / "config.yaml")
+
+
+def test_corrupt_val_shard_during_training_saves_and_exits_2(corpus, tmp_path):
+    """A validation inside fit that meets a corrupt val shard (on_corrupt=fail) logs no partial
+    score, saves last.ckpt at the step it validates, and ends with the one-line data error."""
+    import json
+
+    man = json.loads(Path(corpus).read_text())
+    val = Path(corpus).parent / man["splits"]["val"]["shards"][0]["name"]
+    good = val.read_bytes()
+    val.write_bytes(good[: len(good) // 2])
+    try:
+        with pytest.raises(DataError) as e:
+            train(cfg_for(corpus, tmp_path, "trainer.val_every_n_steps=4", "trainer.limit_val_batches=0"))
+    finally:
+        val.write_bytes(good)
+    assert val.name in str(e.value) and "last.ckpt holds step 4" in str(e.value)
+    assert ckpt(tmp_path / "checkpoints/last.ckpt")["global_step"] == 4
+    assert _val_steps(tmp_path) == [] and not list((tmp_path / "checkpoints").glob("best-*"))
+
+
+def test_training_without_a_validation_split(tmp_path, capsys):
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(6):
+        (src / f"d{i}.txt").write_text("alpha beta gamma delta " * 40)
+    r = subprocess.run([sys.executable, "-m", "data_prep", str(src), "--out", str(tmp_path / "d"), "--tokenizer",
+                        "bytes", "--seq-len", "64", "--val-fraction", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = train(cfg_for(tmp_path / "d/manifest.json", tmp_path / "run", "trainer.max_steps=3",
+                        "trainer.val_before_training=true", "trainer.val_every_n_steps=1"))
+    assert res["step"] == 3 and "val/nelbo" not in res
+    assert "no validation split: training without validation" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["last.ckpt"]
