@@ -16,7 +16,7 @@ from dlmtrain.errors import ConfigError
 
 # Lightning's info lines that say nothing actionable (the device summary is printed by dlmtrain).
 _NOISE = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`Trainer(limit_val_batches",
-          "`weights_only` was not set", "You are using a CUDA device")
+          "`weights_only` was not set", "You are using a CUDA device", "`Trainer.fit` stopped")
 
 
 class _DropNoise(logging.Filter):
@@ -84,8 +84,8 @@ class RunCSVLogger(CSVLogger):
 def wandb_logger(cfg, out: Path):
     w = cfg.logger.wandb
     try:
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
-        import wandb  # noqa: F401
     except ImportError:
         raise ConfigError("logger.wandb.enabled=true needs wandb: pip install wandb") from None
     mode = os.environ.get("WANDB_MODE") or w.mode
@@ -95,10 +95,18 @@ def wandb_logger(cfg, out: Path):
         if not has_key:
             print(f"[dlmtrain] no W&B API key configured: logging offline to {out / 'wandb'} (wandb sync to upload)")
     run_id = "dlm-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]  # requeues continue the run
-    return WandbLogger(
+    # silent: wandb's own banner, a deprecation warning about a setting Lightning passes, and
+    # colour codes written to log files at exit; dlmtrain prints the one line that matters
+    logger = WandbLogger(
         project=w.project, entity=w.entity or None, name=cfg.run.name, save_dir=str(out), id=run_id,
-        resume="allow", mode=mode, tags=list(w.tags),
+        resume="allow", mode=mode, tags=list(w.tags), settings=wandb.Settings(silent=True),
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning passes None; wandb warns that it is deprecated
+    if mode == "online":
+        url = getattr(logger.experiment, "url", None)
+        if url:
+            print(f"[dlmtrain] W&B run: {url}")
+    return logger
 
 
 def _netrc() -> str:

@@ -149,7 +149,9 @@ def test_wandb_offline_without_api_key(manifest, tmp_path, monkeypatch, capsys):
     res = train(config(manifest, tmp_path / "run", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
                        "logger.wandb.enabled=true", "trainer.limit_val_batches=1"))
     assert res["step"] == 2
-    assert "logging offline" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert "logging offline" in cap.out
+    assert "anonymous" not in cap.err and "\x1b[" not in cap.err + cap.out  # wandb kept quiet
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
