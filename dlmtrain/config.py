@@ -134,7 +134,33 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    nelbo_samples: int = 1  # Monte Carlo draws of t per sequence in validation
+    """Evaluation while training (callbacks) and by `dlmtrain eval`."""
+
+    nelbo_samples: int = 1  # K Monte Carlo draws of t per sequence in validation (K >= 2: noise standard errors)
+    t_bins: int = 20  # where the bound is spent: NELBO contribution binned by t (W&B plot/table, PNG in RUN/eval/)
+    discrete_steps: int = 0  # masked objective: also report the discrete-time bound with T steps (0: off)
+    sample_every_n_steps: int = 0  # sample-quality callback cadence in optimizer steps (0: off); also at the end
+    num_samples: int = 8  # samples per sample-quality evaluation
+    sample_seq_len: int = 0  # 0: the data's seq_len
+    eval_lm: str = ""  # generative perplexity: a local Hugging Face causal-LM directory ("" : not computed)
+    mauve_reference: str = ""  # MAUVE against these texts (a .txt/.jsonl file) when mauve-text is installed
+
+
+@dataclass
+class SamplingConfig:
+    """How samples are drawn (sample-quality callback, `dlmtrain sample`). See dlmtrain/sampling/."""
+
+    sampler: str = "ancestral"  # ancestral | first_hitting | confidence | semi_ar (what an objective supports)
+    steps: int = 128  # network-evaluation budget; its exact meaning per sampler is in dlmtrain/sampling/
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # nucleus; 1.0: off
+    float64: bool = True  # categorical draws on float64 noise; false reproduces peers' float32 Gumbel draws
+    cache: bool = True  # ancestral: reuse the network output when no token changed (MDLM's ddpm_cache)
+    confidence: str = "max_prob"  # confidence sampler's score: max_prob | margin | neg_entropy
+    block_len: int = 32  # semi_ar: tokens per block, left to right
+    inner: str = "ancestral"  # semi_ar: the sampler used inside each block
+    cfg_scale: float = 0.0  # unsupervised classifier-free guidance w: (1 + w) cond - w uncond (0: off)
 
 
 @dataclass
@@ -154,6 +180,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -288,6 +315,7 @@ _CHOICES = {
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
+    "sampling.confidence": ("max_prob", "margin", "neg_entropy"),
 }
 
 # (key, smallest allowed value): counts and sizes that must be positive (or non-negative)
@@ -297,7 +325,8 @@ _AT_LEAST = {
     "trainer.val_every_n_steps": 1, "trainer.ckpt_every_n_steps": 1, "trainer.log_every_n_steps": 1,
     "trainer.print_every_n_steps": 1, "trainer.limit_val_batches": 0, "trainer.save_top_k": 0, "trainer.seed": 0,
     "data.num_workers": 0, "data.shuffle_buffer": 1, "data.max_val_samples": 0, "optim.warmup_steps": 0,
-    "eval.nelbo_samples": 1,
+    "eval.nelbo_samples": 1, "eval.t_bins": 1, "eval.discrete_steps": 0, "eval.sample_every_n_steps": 0,
+    "eval.num_samples": 1, "eval.sample_seq_len": 0, "sampling.steps": 1, "sampling.top_k": 0, "sampling.block_len": 1,
 }
 _HINTS = {
     "trainer.val_every_n_steps": " (optimizer steps between validations; a large value validates rarely)",
@@ -333,6 +362,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.ema={o.ema} must lie in [0, 1)")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    sp = cfg.sampling
+    if sp.temperature <= 0 or not 0 < sp.top_p <= 1 or sp.cfg_scale < 0:
+        raise ConfigError("sampling.temperature must be > 0, sampling.top_p in (0, 1], sampling.cfg_scale >= 0")
     if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0, optim.eps > 0, optim.min_lr_ratio in [0, 1]")
 
