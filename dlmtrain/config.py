@@ -143,7 +143,6 @@ class EvalConfig:
     num_samples: int = 8  # samples per sample-quality evaluation
     sample_seq_len: int = 0  # 0: the data's seq_len
     eval_lm: str = ""  # generative perplexity: a local Hugging Face causal-LM directory ("" : not computed)
-    mauve_reference: str = ""  # MAUVE against these texts (a .txt/.jsonl file) when mauve-text is installed
 
 
 @dataclass
