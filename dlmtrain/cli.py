@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="group=name or dotted.key=value")
     tr.set_defaults(func=_train)
 
+    from dlmtrain.eval import commands as evalcmd
+
+    ev = sub.add_parser("eval", help="likelihood bound of a checkpoint (NELBO, perplexity bound, bits/token, bits/byte)",
+                        description="The NELBO of a checkpoint on a validation split, with Monte Carlo standard errors.")
+    evalcmd.add_eval_arguments(ev)
+    ev.set_defaults(func=evalcmd.run_eval)
+    sa = sub.add_parser("sample", help="draw samples from a checkpoint",
+                        description="Draw samples from a checkpoint and print them (EMA weights unless --raw).")
+    evalcmd.add_sample_arguments(sa)
+    sa.set_defaults(func=evalcmd.run_sample)
+
     be = sub.add_parser("bench", help="benchmarks (model throughput/MFU, data loader)")
     bsub = be.add_subparsers(dest="bench", required=True)
     from dlmtrain.bench import data as bench_data

@@ -1,0 +1,81 @@
+"""Sample quality while training: every ``eval.sample_every_n_steps`` optimizer steps and at
+the end of training, ``eval.num_samples`` samples drawn per ``sampling.*`` (EMA weights).
+
+Logged (W&B and CSV) under ``samples/``: entropy, distinct_1..4, rep_1..4 (see
+dlmtrain/eval/quality.py), gen_ppl when ``eval.eval_lm`` names a local causal LM (never
+shown without the entropy beside it), nfe and tokens_per_s of the sampler. The decoded
+texts go to a W&B table (step, sampler, steps, nfe, text) and to
+``RUN/samples/step<N>.jsonl``. Runs on global rank 0 only; the others wait.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+from dlmtrain.eval.quality import EvalLM, diversity
+
+
+class SampleQuality(L.Callback):
+    def __init__(self, cfg, out_dir: str | Path, tokenizer=None, seq_len: int = 0):
+        self.cfg = cfg
+        self.every = int(cfg.eval.sample_every_n_steps)
+        self.out_dir = Path(out_dir) / "samples"
+        self.tokenizer = tokenizer
+        self.seq_len = int(cfg.eval.sample_seq_len or seq_len)
+        # A missing evaluation LM is a one-line error now, not after hours of training.
+        self.lm: EvalLM | None = EvalLM(cfg.eval.eval_lm) if cfg.eval.eval_lm else None
+        self._done_step = -1
+
+    def setup(self, trainer, pl_module, stage):
+        from dlmtrain.sampling import supported_samplers
+
+        if self.lm is not None:
+            self.lm.model.to(pl_module.device)
+            self.lm.device = pl_module.device
+        names = supported_samplers(pl_module)
+        if self.cfg.sampling.sampler not in names:
+            from dlmtrain.errors import ConfigError
+
+            raise ConfigError(f"sampling.sampler={self.cfg.sampling.sampler!r} is not supported by "
+                              f"{type(pl_module).__name__}; choose one of: {', '.join(names)}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step and step % self.every == 0 and step != self._done_step:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.every and trainer.global_step != self._done_step:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer, pl_module) -> dict | None:
+        """Draw, score and log one set of samples (rank 0)."""
+        from dlmtrain.sampling import sample_from_config
+
+        self._done_step = step = trainer.global_step
+        if not trainer.is_global_zero:
+            return None
+        sp = self.cfg.sampling
+        res = sample_from_config(pl_module, sp, num_samples=int(self.cfg.eval.num_samples), seq_len=self.seq_len,
+                                 seed=int(self.cfg.trainer.seed) + step, tokenizer=self.tokenizer)
+        ids = res.ids.tolist()
+        texts = res.text or [" ".join(map(str, s)) for s in ids]
+        stats = {f"samples/{k}": v for k, v in diversity(ids).items()}
+        stats["samples/nfe"] = float(res.nfe)
+        stats["samples/tokens_per_s"] = float(res.tokens_per_s)
+        if self.lm is not None:
+            stats["samples/gen_ppl"] = self.lm.perplexity(texts)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"step{step}.jsonl", "w") as f:
+            for s, t in zip(ids, texts):
+                f.write(json.dumps({"step": step, "sampler": sp.sampler, "steps": sp.steps, "nfe": res.nfe,
+                                    "text": t, "tokens": s}) + "\n")
+        for lg in trainer.loggers:
+            lg.log_metrics(stats, step=step)
+            if type(lg).__name__ == "WandbLogger":
+                lg.log_text(key="samples/table", columns=["step", "sampler", "steps", "nfe", "text"],
+                            data=[[step, sp.sampler, sp.steps, res.nfe, t] for t in texts], step=step)
+        return stats
