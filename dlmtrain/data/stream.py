@@ -396,8 +396,9 @@ class TrainStream(IterableDataset):
             if len(rows) == Bsz:
                 yield make_batch(rows, starts, L, pos=(g, nxt[0], nxt[1]))
                 rows, starts = [], []
-            elif nxt[1] == 0:  # a shard ended mid-batch: copy its rows, so they don't keep its buffer alive
+            if nxt[1] == 0:  # a shard ended: hold no view of its buffer (copy a partial batch) while the next is read
                 rows, starts = _owned(rows), _owned(starts)
+                ids = st = None
 
 
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -205,3 +205,36 @@ def test_val_verifies_whole_shards_not_partly_read_ones(tmp_path):
     val = [r for b in dm.val_dataloader() for r in rows(b)]
     assert len(val) == 4 and zeroed in val and dm.skipped_shards == 0
     assert [x[0].tobytes() for x in stream_shard(_ref(man, "val", 0), SPEC, skip=1, stop=2)] == [zeroed]
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def test_a_reader_holds_one_shard_in_memory(tmp_path, monkeypatch):
+    """No view into a shard's buffer outlives it when the next shard is read (batches crossing shards included)."""
+    import gc
+    import weakref
+
+    import dlmtrain.data.stream as stream
+
+    real, buffers = stream.read_shard, []
+
+    def spy(*args, **kw):
+        gc.collect()
+        assert sum(b() is not None for b in buffers) == 0
+        items = real(*args, **kw)
+        buffers.append(weakref.ref(_root(items[0][0])))
+        return items
+
+    monkeypatch.setattr(stream, "read_shard", spy)
+    man = synth(tmp_path, train_shards=3, samples_per_shard=10, val_shards=3)  # 10 samples: batches of 4 cross shards
+    dm = make_dm(man, batch=4)
+    it = iter(dm.train_dataloader())
+    for _ in range(9):
+        next(it)
+    assert len(buffers) == 4
+    buffers.clear()
+    assert sum(len(rows(b)) for b in dm.val_dataloader()) == 30 and len(buffers) == 3
