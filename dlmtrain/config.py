@@ -80,6 +80,7 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank (0: read in the main process)
     shuffle_buffer: int = 1000  # train samples are shuffled in blocks of this many consecutive samples of a shard
     on_corrupt: str = "fail"  # fail | skip (log by name, count in data/skipped_shards, go on)
+    verify_checksums: bool = True  # check each whole shard read against the manifest's sha256 and bytes (corrupt: see on_corrupt)
     max_val_samples: int = 0  # 0: the whole validation split; else its first N samples
 
 

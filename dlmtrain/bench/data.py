@@ -1,9 +1,9 @@
 """`dlmtrain bench data`: how fast one loader worker turns shards into batches.
 
-Measures the real per-worker code path (open shard, parse tar, decode and check
-samples, block shuffle, batch, segment ids, int64 tensors) in this process, then the
-whole DataLoader with ``--num-workers`` processes. Without ``--manifest`` it writes a
-synthetic uint16 shard set at ``--seq-len`` into a temporary directory first.
+Measures the real per-worker code path (read shard whole, check its sha256 and size unless
+``--no-verify``, parse tar, decode and check samples, block shuffle, batch, segment ids, int64
+tensors) in this process, then the whole DataLoader with ``--num-workers`` processes. Without
+``--manifest`` it writes a synthetic uint16 shard set at ``--seq-len`` into a temporary directory first.
 """
 
 from __future__ import annotations
@@ -25,20 +25,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="block-shuffle size (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for the second figure")
     p.add_argument("--seconds", type=float, default=5.0, help="time per measurement (default: %(default)s)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256/size check of each shard "
+                   "(data.verify_checksums=false), to measure what the check costs")
 
 
-def _measure(batches, seconds: float) -> tuple[int, int, float]:
+def _measure(batches, seconds: float) -> tuple[int, int, float, float]:
+    """(samples, tokens, wall s, CPU s of this process, helper threads included)."""
     it = iter(batches)
     next(it)  # warm-up: worker start, first shard open
     n_samples = n_tokens = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while True:
         b = next(it)
         n_samples += b["input_ids"].shape[0]
         n_tokens += b["input_ids"].numel()
         dt = time.perf_counter() - t0
         if dt >= seconds:
-            return n_samples, n_tokens, dt
+            return n_samples, n_tokens, dt, time.process_time() - c0
 
 
 def run(args) -> int:
@@ -59,25 +62,29 @@ def run(args) -> int:
             print(f"synthetic set: {args.shards} shards x {args.samples_per_shard} samples of {args.seq_len} "
                   f"{args.dtype} tokens in {tmp} ({time.perf_counter() - t:.1f} s)")
         m = read_manifest(path)
-        shards = [ShardRef(join_url(m["_where"], s["name"]), s["name"], int(s["samples"]))
-                  for s in m["splits"]["train"]["shards"]]
+        shards = [ShardRef(join_url(m["_where"], s["name"]), s["name"], int(s["samples"]), s.get("sha256") or "",
+                           int(s.get("bytes") or 0)) for s in m["splits"]["train"]["shards"]]
         if not shards:
             raise DataError(f"{path} has no train shards")
         pad = m.get("pad_id") if m.get("pad_id") is not None else m["eos_id"]
         spec = StreamSpec(seq_len=int(m["seq_len"]), dtype=m["dtype"], vocab_size=int(m["vocab_size"]), pad_id=pad,
-                          on_corrupt="fail")
+                          on_corrupt="fail", verify=not args.no_verify)
         L = spec.seq_len
 
         def stream(workers: int) -> TrainStream:
             return TrainStream(shards, spec, batch_size=args.batch_size, seed=0, buffer=args.shuffle_buffer,
                                rank=0, world=1, num_workers=workers)
 
-        print(f"reading {path}: seq_len {L}, {m['dtype']}, batch {args.batch_size}, shuffle block {args.shuffle_buffer}")
-        s, tok, dt = _measure(TrackedLoader(stream(1), batch_size=None, num_workers=0), args.seconds)
-        print(f"one worker (in process): {s / dt:,.0f} samples/s, {tok / dt:,.0f} tokens/s per worker")
+        mb = sum(s.bytes for s in shards) / len(shards) / 1e6
+        print(f"reading {path}: seq_len {L}, {m['dtype']}, batch {args.batch_size}, shuffle block "
+              f"{args.shuffle_buffer}, shards of {mb:.1f} MB, sha256 {'not checked' if args.no_verify else 'checked'}")
+        s, tok, dt, cpu = _measure(TrackedLoader(stream(1), batch_size=None, num_workers=0), args.seconds)
+        # CPU time per token: the figure to compare on a machine shared with other work
+        print(f"one worker (in process): {s / dt:,.0f} samples/s, {tok / dt:,.0f} tokens/s per worker, "
+              f"{cpu / tok * 1e9:.1f} CPU-ms per 1M tokens")
         if args.num_workers > 0:
             loader = TrackedLoader(stream(args.num_workers), batch_size=None, num_workers=args.num_workers)
-            s, tok, dt = _measure(loader, args.seconds)
+            s, tok, dt, _ = _measure(loader, args.seconds)
             print(f"DataLoader, {args.num_workers} workers: {s / dt:,.0f} samples/s, {tok / dt:,.0f} tokens/s total, "
                   f"{tok / dt / args.num_workers:,.0f} tokens/s per worker")
     return 0

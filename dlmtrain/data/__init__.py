@@ -55,6 +55,7 @@ def build_datamodule(cfg, micro_batch_size: int):
     return ShardDataModule(
         manifest, micro_batch_size=micro_batch_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
         on_corrupt=d.on_corrupt, max_val_samples=d.max_val_samples, seed=seed, shard_url=d.get("shard_url", ""),
+        verify_checksums=bool(d.get("verify_checksums", True)),
     )
 
 

@@ -156,7 +156,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def __init__(self, manifest: dict, *, micro_batch_size: int, num_workers: int = 1, shuffle_buffer: int = 1000,
                  on_corrupt: str = "fail", max_val_samples: int = 0, seed: int = 0, shard_url: str = "",
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, verify_checksums: bool = True):
         super().__init__()
         if micro_batch_size < 1:
             raise DataError(f"micro batch size must be >= 1, got {micro_batch_size}")
@@ -186,6 +186,7 @@ class ShardDataModule(L.LightningDataModule):
         self.spec = StreamSpec(
             seq_len=self.seq_len, dtype=manifest["dtype"], vocab_size=self.vocab_size,
             pad_id=self.pad_id if self.pad_id is not None else self.eos_id, on_corrupt=on_corrupt,
+            verify=bool(verify_checksums),
         )
         names = [(s["name"], s.get("sha256", "")) for s in manifest["splits"]["train"]["shards"]]
         self.data_fingerprint = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
@@ -234,7 +235,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def _refs(self, split: str) -> list[ShardRef]:
         shards = self.manifest["splits"].get(split, {}).get("shards", [])
-        return [ShardRef(self.resolve(s["name"]), s["name"], int(s["samples"])) for s in shards if s["samples"] > 0]
+        return [ShardRef(self.resolve(s["name"]), s["name"], int(s["samples"]), s.get("sha256") or "",
+                         int(s.get("bytes") or 0)) for s in shards if s["samples"] > 0]
 
     @property
     def val_samples(self) -> int:

@@ -22,8 +22,10 @@ split) as:
     the member makes the boundaries explicit for readers that don't know the EOS id.
 
 Any webdataset pipeline reads these (``.decode()`` turns ``.npy`` into arrays); the
-loader in this package reads them with a small tar parser that checks header
-checksums and sizes, so a truncated or garbled shard is reported as corrupt.
+loader in this package reads each shard whole, checks it against the manifest's
+``sha256`` and ``bytes``, and parses it with a small tar parser that checks member
+sizes (and header checksums where no sha256 was checked), so a truncated or garbled
+shard is reported as corrupt.
 
 Writes are atomic: a shard is written to ``NAME.tmp-PID``, flushed, fsynced and
 renamed. The writer is deterministic (fixed mtime/uid/mode, no wall-clock in any
@@ -75,10 +77,11 @@ class NpyHeaderCache:
         self._known: dict[bytes, tuple[int, np.dtype, tuple]] = {}
 
     def decode(self, data: bytes) -> np.ndarray:
-        if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        head = bytes(data[:12])  # bytes, not a view: compared and sliced below
+        if len(head) < 10 or head[:6] != b"\x93NUMPY":
             raise ValueError("not an .npy member")
-        major = data[6]
-        hl = int.from_bytes(data[8:10], "little") + 10 if major == 1 else int.from_bytes(data[8:12], "little") + 12
+        major = head[6]
+        hl = int.from_bytes(head[8:10], "little") + 10 if major == 1 else int.from_bytes(head[8:12], "little") + 12
         header = bytes(data[:hl])
         hit = self._known.get(header)
         if hit is None:
@@ -245,6 +248,38 @@ def _octal(field: bytes) -> int:
     return int(field or b"0", 8)
 
 
+def _header(header: bytes, check: bool) -> tuple[str, int, bytes]:
+    """``(name, size, typeflag)`` of one tar header; ``check`` verifies its checksum. Raises CorruptShard."""
+    try:
+        if check:
+            chksum = _octal(header[148:156])
+            if chksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                raise CorruptShard("bad tar header checksum")
+        size = _octal(header[124:136])
+    except ValueError:
+        raise CorruptShard("garbled tar header") from None
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    if prefix:
+        name = prefix.decode("utf-8", "replace") + "/" + name
+    return name, size, header[156:157]
+
+
+def _long_name(typeflag: bytes, data) -> str | None:
+    """The next member's name from a GNU long-name (L) or pax (x) member, else None."""
+    if typeflag == b"L":
+        return bytes(data).split(b"\0", 1)[0].decode("utf-8", "replace")
+    if typeflag == b"x":  # pax extended header: honour path=
+        for rec in bytes(data).decode("utf-8", "replace").split("\n"):
+            _, _, kv = rec.partition(" ")
+            if kv.startswith("path="):
+                return kv[5:]
+    return None
+
+
+_ZERO_BLOCK = b"\0" * BLOCK
+
+
 def iter_tar(f: BinaryIO, skip=None) -> Iterator[tuple[str, bytes | None]]:
     """Yield ``(member name, data)`` of regular files in a tar stream, checking each header.
 
@@ -262,24 +297,11 @@ def iter_tar(f: BinaryIO, skip=None) -> Iterator[tuple[str, bytes | None]]:
         header = _read_exact(f, BLOCK)
         if len(header) < BLOCK:
             raise CorruptShard("truncated (no end-of-archive marker)" if not header else "truncated tar header")
-        if header == b"\0" * BLOCK:
+        if header == _ZERO_BLOCK:
             return
-        try:
-            chksum = _octal(header[148:156])
-        except ValueError:
-            raise CorruptShard("garbled tar header") from None
-        calc = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        if chksum != calc:
-            raise CorruptShard("bad tar header checksum")
-        size = _octal(header[124:136])
-        typeflag = header[156:157]
+        name, size, typeflag = _header(header, check=True)
         if long_name is not None:
             name, long_name = long_name, None
-        else:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-            if prefix:
-                name = prefix.decode("utf-8", "replace") + "/" + name
         padded = size + (-size % BLOCK)
         if typeflag in (b"0", b"\0"):
             if skip is not None and skip(name):
@@ -297,18 +319,60 @@ def iter_tar(f: BinaryIO, skip=None) -> Iterator[tuple[str, bytes | None]]:
             data = _read_exact(f, padded)
             if len(data) < padded:
                 raise CorruptShard(f"truncated member {name}")
-            if typeflag == b"L":  # GNU long name for the next member
-                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
-            elif typeflag == b"x":  # pax extended header: honour path=
-                for rec in data[:size].decode("utf-8", "replace").split("\n"):
-                    _, _, kv = rec.partition(" ")
-                    if kv.startswith("path="):
-                        long_name = kv[5:]
+            long_name = _long_name(typeflag, data[:size])
+
+
+def iter_tar_buffer(buf, check_headers: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`iter_tar` over a whole shard in memory: the data are read-only uint8 views into ``buf``, no copies.
+
+    ``check_headers=False`` skips the header checksums, for a buffer whose sha256 is checked anyway.
+    """
+    # ndarray views, not memoryviews: memoryviews are tracked by the garbage collector, and tens of
+    # thousands alive (one per sample of a shard) made collections cost more than the parse
+    mv = np.frombuffer(memoryview(buf).toreadonly(), dtype=np.uint8)
+    n = len(mv)
+    pos = 0
+    long_name = None
+    while True:
+        if pos + BLOCK > n:
+            raise CorruptShard("truncated (no end-of-archive marker)" if pos >= n else "truncated tar header")
+        header = mv[pos:pos + BLOCK].tobytes()
+        if header == _ZERO_BLOCK:
+            return
+        name, size, typeflag = _header(header, check_headers)
+        if long_name is not None:
+            name, long_name = long_name, None
+        start = pos + BLOCK
+        pos = start + size + (-size % BLOCK)
+        if pos > n:
+            raise CorruptShard(f"truncated member {name}")
+        if typeflag in (b"0", b"\0"):
+            yield name, mv[start:start + size]
+        else:
+            long_name = _long_name(typeflag, mv[start:start + size])
 
 
 def _key(name: str) -> tuple[str, str]:
     key, _, ext = name.rsplit("/", 1)[-1].partition(".")
     return key, ext
+
+
+def _group(members, skip: int) -> Iterator[dict]:
+    """Consecutive members grouped by key, from the ``skip``-th group on (skipped members carry None)."""
+    cur: dict | None = None
+    cur_key = None
+    idx = -1
+    for name, data in members:
+        key, ext = _key(name)
+        if key != cur_key:
+            if cur is not None and idx >= skip:
+                yield cur
+            idx += 1
+            cur, cur_key = {"__key__": key}, key
+        if data is not None:
+            cur[ext] = data
+    if cur is not None and idx >= skip:
+        yield cur
 
 
 def iter_samples(f: BinaryIO, skip: int = 0) -> Iterator[dict[str, bytes]]:
@@ -325,20 +389,12 @@ def iter_samples(f: BinaryIO, skip: int = 0) -> Iterator[dict[str, bytes]]:
             seen["n"] += 1
         return seen["n"] < skip
 
-    cur: dict | None = None
-    cur_key = None
-    idx = -1
-    for name, data in iter_tar(f, skip=_skip if skip else None):
-        key, ext = _key(name)
-        if key != cur_key:
-            if cur is not None and idx >= skip:
-                yield cur
-            idx += 1
-            cur, cur_key = {"__key__": key}, key
-        if data is not None:
-            cur[ext] = data
-    if cur is not None and idx >= skip:
-        yield cur
+    return _group(iter_tar(f, skip=_skip if skip else None), skip)
+
+
+def buffer_samples(buf, check_headers: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`iter_samples` of a whole shard in memory (see :func:`iter_tar_buffer`)."""
+    return _group(iter_tar_buffer(buf, check_headers), 0)
 
 
 # ----------------------------------------------------------------------------- manifest

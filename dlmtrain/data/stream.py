@@ -6,6 +6,15 @@ worker themselves; rank/world come from the caller (torch.distributed, else
 RANK/WORLD_SIZE, else 0/1). A batch leaves a worker as one int64 tensor ``[2, B, L]``
 (ids, segment ids) plus plain Python values: one shared-memory hand-over per batch.
 
+Checks: a shard is read whole into memory in one pass (no second read, so ``pipe:`` and
+object-store URLs work), its sha256 computed as the bytes arrive (on a helper thread, overlapping
+the parse), and compared with the manifest's ``sha256`` and ``bytes`` (``verify``; shards of older
+manifests without them are not); every sample is decoded and checked too, all before the first
+sample of the shard is used. A mismatch is a CorruptShard like any other (``on_corrupt``: fail or
+skip), so a corrupt train shard never contributes a sample, resumed mid-shard or not. The price is
+memory: a worker holds one whole shard (data_prep writes 256 MB by default). Validation verifies
+every shard it reads whole; see :meth:`ValStream._read` for the partly read ones.
+
 ``segment_ids`` number the documents within each row from 0; a new segment starts right
 after each EOS (EOS belongs to the document it ends), read from the ``doc_starts`` member.
 
@@ -37,8 +46,12 @@ the batches are split into contiguous runs, one per DataLoader worker.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -46,7 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dlmtrain.data.format import DOCS, IDS, CorruptShard, NpyHeaderCache, iter_samples, open_url
+from dlmtrain.data.format import DOCS, IDS, CorruptShard, NpyHeaderCache, buffer_samples, iter_samples, open_url
 from dlmtrain.errors import DataError
 
 log = logging.getLogger("dlmtrain.data")
@@ -57,6 +70,8 @@ class ShardRef:
     url: str
     name: str
     samples: int
+    sha256: str = ""  # from the manifest; "" (older manifests): not verified
+    bytes: int = 0  # from the manifest; 0: unknown
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class StreamSpec:
     vocab_size: int
     pad_id: int
     on_corrupt: str  # fail | skip
+    verify: bool = True  # check each whole shard read against the manifest's sha256 and bytes
 
 
 def worker_id() -> tuple[int, int]:
@@ -73,47 +89,191 @@ def worker_id() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def read_shard(ref: ShardRef, spec: StreamSpec, skip: int = 0, check_count: bool = True,
-               cache: NpyHeaderCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """``(input_ids, doc_starts or None)`` of one shard, from sample ``skip`` on. Raises CorruptShard."""
-    cache = cache or NpyHeaderCache()
-    dtype = np.dtype(spec.dtype).newbyteorder("<")
-    L, V = spec.seq_len, spec.vocab_size
+CHUNK = 4 << 20  # bytes per read: few syscalls, and hashlib releases the GIL on buffers this large
+
+
+class _Sha256:
+    """sha256 of chunks fed in order, computed on a helper thread: hashlib releases the GIL, so the hash
+    overlaps reading the rest of the shard and parsing it (a spare core does it for free)."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dlmtrain-sha256", daemon=True)
+        self._thread.start()
+        self._open = True
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._sha.update(chunk)
+
+    def update(self, chunk) -> None:
+        self._chunks.put(chunk)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._chunks.put(None)
+
+    def hexdigest(self) -> str:
+        self.close()
+        self._thread.join()
+        return self._sha.hexdigest()
+
+
+def _read_all(f, hint: int, sha: _Sha256 | None) -> memoryview:
+    """Every byte of ``f`` in one buffer, fed to ``sha`` as it arrives: one pass, no seeking, so
+    ``pipe:`` and object-store URLs work. Preallocated to ``hint`` + 1 bytes (the manifest's size),
+    so a file of the expected size is copied once and a longer one shows itself."""
+    buf = memoryview(np.empty(max(0, hint) + 1, dtype=np.uint8))  # not zero-filled: written once, by the read
+    readinto = getattr(f, "readinto", None)  # webdataset's Pipe has only read()
+    pos = 0
+    while pos < len(buf):
+        view = buf[pos:pos + CHUNK]
+        if readinto is not None:
+            n = readinto(view) or 0
+        else:
+            got = f.read(len(view))
+            n = len(got)
+            view[:n] = got
+        if not n:
+            return buf[:pos]
+        if sha is not None:
+            sha.update(buf[pos:pos + n])
+        pos += n
+    rest = [buf]  # longer than expected (or no size known): collect the rest, then one copy
+    while chunk := f.read(CHUNK):
+        if sha is not None:
+            sha.update(chunk)
+        rest.append(chunk)
+    return memoryview(b"".join(rest))
+
+
+def _size_of(f) -> int:
     try:
-        f = open_url(ref.url, "rb")
+        return os.fstat(f.fileno()).st_size
+    except Exception:  # pipes and remote streams have no size up front
+        return 0
+
+
+def _decode(sample: dict, spec: StreamSpec, dtype: np.dtype,
+            cache: NpyHeaderCache) -> tuple[np.ndarray, np.ndarray | None]:
+    """One sample's ``(input_ids, doc_starts or None)``, checked against the spec. Raises CorruptShard."""
+    L, V = spec.seq_len, spec.vocab_size
+    raw = sample.get(IDS)
+    if raw is None:
+        raise CorruptShard(f"sample {sample['__key__']} has no {IDS}")
+    try:
+        ids = cache.decode(raw)
+        starts = cache.decode(sample[DOCS]) if DOCS in sample else None
+    except (ValueError, KeyError) as e:
+        raise CorruptShard(f"sample {sample['__key__']}: {e}") from None
+    if ids.dtype != dtype or len(ids) != L:
+        raise CorruptShard(f"sample {sample['__key__']}: {ids.dtype}[{len(ids)}], expected {dtype}[{L}]")
+    if int(ids.max()) >= V:
+        raise CorruptShard(f"sample {sample['__key__']}: token id {int(ids.max())} >= vocab size {V}")
+    if starts is not None and len(starts) and (starts[0] <= 0 or starts[-1] >= L or np.any(np.diff(starts) <= 0)):
+        raise CorruptShard(f"sample {sample['__key__']}: bad doc_starts")
+    return ids, starts
+
+
+def _open(ref: ShardRef):
+    try:
+        return open_url(ref.url, "rb")
     except Exception as e:
         raise CorruptShard(f"cannot open ({type(e).__name__}: {e})") from None
+
+
+def _read_error(e: Exception) -> CorruptShard:  # pipe exit status, I/O errors
+    return CorruptShard(f"read error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def read_shard(ref: ShardRef, spec: StreamSpec, skip: int = 0,
+               cache: NpyHeaderCache | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``(input_ids, doc_starts or None)`` of one whole shard, from sample ``skip`` on. Raises CorruptShard.
+
+    The shard is read whole into memory (one pass, hashed as it is read), checked against the
+    manifest's ``bytes`` and ``sha256`` (``spec.verify``; a shard without them is not), and every
+    sample is decoded and checked, all before anything is returned: a corrupt shard contributes no
+    sample, and resuming at ``skip`` verifies the whole shard too. The cost is memory: a reader
+    holds one whole shard (data_prep writes 256 MB by default). The arrays are read-only views
+    into that buffer; copy what you keep.
+    """
+    cache = cache or NpyHeaderCache()
+    dtype = np.dtype(spec.dtype).newbyteorder("<")
+    want_sha = ref.sha256 if spec.verify else ""
+    sha = _Sha256() if want_sha else None
+    try:
+        f = _open(ref)
+        try:
+            data = _read_all(f, ref.bytes or _size_of(f), sha)
+            f.close()  # a pipe reports its exit status here
+        except (OSError, EOFError, ValueError) as e:
+            raise _read_error(e) from None
+        finally:
+            try:
+                f.close()
+            except Exception:
+                pass
+        if spec.verify and ref.bytes and len(data) != ref.bytes:
+            raise CorruptShard(f"size mismatch: manifest says {ref.bytes} bytes, file has {len(data)}")
+        items: list = []
+        bad = None
+        try:
+            # tar header checksums only prove what the sha256 proves better; they guard unhashed shards
+            for sample in buffer_samples(data, check_headers=sha is None):
+                items.append(_decode(sample, spec, dtype, cache))
+        except CorruptShard as e:
+            bad = e
+        if sha is not None:  # a checksum mismatch is the root cause of any parse error
+            got = sha.hexdigest()
+            if got != want_sha:
+                raise CorruptShard(f"sha256 mismatch: manifest says {want_sha[:16]}..., file has {got[:16]}...")
+        if bad is not None:
+            raise bad
+    finally:
+        if sha is not None:
+            sha.close()
+    if len(items) != ref.samples:
+        raise CorruptShard(f"has {len(items)} samples, the manifest says {ref.samples}")
+    return items[skip:]
+
+
+def stream_shard(ref: ShardRef, spec: StreamSpec, skip: int = 0, stop: int | None = None,
+                 cache: NpyHeaderCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Samples ``skip..stop-1`` of one shard, streamed: reads no further than ``stop`` (and seeks past
+    the first ``skip`` where it can), so its checksum is NOT verified; tar header checksums and each
+    sample's dtype, length, token ids and doc_starts are. For partial reads of validation shards.
+    Raises CorruptShard."""
+    cache = cache or NpyHeaderCache()
+    dtype = np.dtype(spec.dtype).newbyteorder("<")
+    stop = ref.samples if stop is None else stop
     n = skip
+    if n >= stop:
+        return
+    f = _open(ref)
     try:
         try:
             for sample in iter_samples(f, skip=skip):
-                raw = sample.get(IDS)
-                if raw is None:
-                    raise CorruptShard(f"sample {sample['__key__']} has no {IDS}")
-                try:
-                    ids = cache.decode(raw)
-                    starts = cache.decode(sample[DOCS]) if DOCS in sample else None
-                except (ValueError, KeyError) as e:
-                    raise CorruptShard(f"sample {sample['__key__']}: {e}") from None
-                if ids.dtype != dtype or len(ids) != L:
-                    raise CorruptShard(f"sample {sample['__key__']}: {ids.dtype}[{len(ids)}], expected {dtype}[{L}]")
-                if int(ids.max()) >= V:
-                    raise CorruptShard(f"sample {sample['__key__']}: token id {int(ids.max())} >= vocab size {V}")
-                if starts is not None and len(starts) and (starts[0] <= 0 or starts[-1] >= L or np.any(np.diff(starts) <= 0)):
-                    raise CorruptShard(f"sample {sample['__key__']}: bad doc_starts")
+                yield _decode(sample, spec, dtype, cache)
                 n += 1
-                yield ids, starts
+                if n >= stop:
+                    return
         except CorruptShard:
             raise
-        except (OSError, EOFError, ValueError) as e:  # pipe exit status, I/O errors
-            raise CorruptShard(f"read error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        if check_count and n != ref.samples:
-            raise CorruptShard(f"has {n} samples, the manifest says {ref.samples}")
+        except (OSError, EOFError, ValueError) as e:
+            raise _read_error(e) from None
+        raise CorruptShard(f"ends after {n} samples, the manifest says {ref.samples}")
     finally:
         try:
             f.close()
         except Exception:
             pass
+
+
+def _owned(arrays: list) -> list:
+    """Copies of views into a shard's buffer (None stays None)."""
+    return [None if a is None else np.array(a) for a in arrays]
 
 
 def _segments(starts_list: list, B: int, L: int) -> np.ndarray:
@@ -210,30 +370,25 @@ class TrainStream(IterableDataset):
         while True:
             ref = self.shards[self.shard_at(q)]
             c = ref.samples
-            if off >= c:
-                q, off = q + W, 0
-                continue
-            try:
-                block = off // B
-                rows: list = []
-                for item in read_shard(ref, self.spec, skip=block * B, cache=cache):
-                    rows.append(item)
-                    end = min(c, (block + 1) * B)
-                    if len(rows) == end - block * B:
-                        order = self.block_order(q, block, len(rows))
-                        for k in range(off - block * B, len(rows)):
-                            ids, starts = rows[order[k]]
-                            off += 1
-                            nxt = (q, off) if off < c else (q + W, 0)
-                            yield ids, starts, nxt
-                        rows = []
-                        block += 1
-                failures = 0
-            except CorruptShard as err:
-                on_corrupt(ref, err, "train")
-                failures += 1
-                if failures > len(self.shards):
-                    raise DataError("every train shard this worker tried is corrupt or unreadable; check the manifest's shards") from None
+            if off < c:
+                first = off // B * B  # resume at the start of the block holding sample `off`
+                try:
+                    items = read_shard(ref, self.spec, skip=first, cache=cache)  # whole shard, verified
+                    failures = 0
+                except CorruptShard as err:
+                    on_corrupt(ref, err, "train")
+                    failures += 1
+                    if failures > len(self.shards):
+                        raise DataError("every train shard this worker tried is corrupt or unreadable; check the manifest's shards") from None
+                    items = []
+                for lo in range(first, first + len(items), B):
+                    block = items[lo - first:lo - first + B]
+                    order = self.block_order(q, lo // B, len(block))
+                    for k in range(off - lo, len(block)):
+                        ids, starts = block[order[k]]
+                        off += 1
+                        yield ids, starts, ((q, off) if off < c else (q + W, 0))
+                items = block = ids = starts = None  # let the shard's buffer go before the next one is read
             q, off = q + W, 0
 
     def __iter__(self):
@@ -249,6 +404,9 @@ class TrainStream(IterableDataset):
             if len(rows) == Bsz:
                 yield make_batch(rows, starts, L, pos=(g, nxt[0], nxt[1]))
                 rows, starts = [], []
+            if nxt[1] == 0:  # a shard ended: hold no view of its buffer (copy a partial batch) while the next is read
+                rows, starts = _owned(rows), _owned(starts)
+                ids = st = None
 
 
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -278,7 +436,13 @@ class ValStream(IterableDataset):
 
     def _read(self, lo: int, hi: int, faults: list) -> Iterator[tuple[np.ndarray, np.ndarray | None] | None]:
         """Samples ``lo..hi-1`` (global val index), ``None`` for unreadable ones (their messages
-        go to ``faults`` under on_corrupt=fail)."""
+        go to ``faults`` under on_corrupt=fail).
+
+        A shard wholly inside the range is read whole and verified (:func:`read_shard`). A shard only
+        partly inside it (at most the first and the last of a worker's run, where max_val_samples or the
+        rank/worker split cuts it) is streamed only as far as needed (:func:`stream_shard`): its tar
+        headers and samples are checked, its sha256 and size are not, as that would mean reading all of it.
+        """
         on_corrupt = _Corruption(self.spec, self.counter)
         cache = NpyHeaderCache()
         i = lo
@@ -286,15 +450,19 @@ class ValStream(IterableDataset):
             s = int(np.searchsorted(self.offsets, i, side="right")) - 1
             ref = self.shards[s]
             first, stop = i - int(self.offsets[s]), min(hi, int(self.offsets[s + 1])) - int(self.offsets[s])
+            got = first
             try:
-                got = first
-                for item in read_shard(ref, self.spec, skip=first, check_count=stop == ref.samples, cache=cache):
-                    if got >= stop:
-                        break
-                    yield item
-                    got += 1
-                if got < stop:
-                    raise CorruptShard(f"ends after {got} samples, the manifest says {ref.samples}")
+                if first == 0 and stop == ref.samples:
+                    items = read_shard(ref, self.spec, cache=cache)
+                    tail = len(items) - self.batch_size  # rows from here may share a batch with the next shard
+                    for k, (ids, starts) in enumerate(items):
+                        yield (ids, starts) if k < tail else tuple(_owned([ids, starts]))
+                        got += 1
+                    items = ids = starts = None  # let the shard's buffer go before the next one is read
+                else:
+                    for item in stream_shard(ref, self.spec, skip=first, stop=stop, cache=cache):
+                        yield item
+                        got += 1
             except CorruptShard as err:
                 msg = on_corrupt(ref, err, "val")
                 if msg:
