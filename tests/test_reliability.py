@@ -435,3 +435,19 @@ def test_training_without_a_validation_split(tmp_path, capsys):
     assert res["step"] == 3 and "val/nelbo" not in res
     assert "no validation split: training without validation" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["last.ckpt"]
+
+
+def test_zeroed_bytes_in_a_shard_stop_the_run_by_checksum(corpus, tmp_path):
+    """Fault 8: 64 zeroed bytes inside a shard (same size, tar headers intact) used to be trained on;
+    now the sha256 check stops the run (on_corrupt=fail) with last.ckpt at the last good step."""
+    bad, jf = _bad_shard_for(corpus, 8, want_odd=False)
+    good = bad.read_bytes()
+    mid = 512 + 128  # inside the first sample's token data, past its tar header
+    bad.write_bytes(good[:mid] + b"\0" * 64 + good[mid + 64:])
+    try:
+        with pytest.raises(DataError) as e:
+            train(cfg_for(corpus, tmp_path))
+    finally:
+        bad.write_bytes(good)
+    assert bad.name in str(e.value) and "sha256 mismatch" in str(e.value)
+    assert ckpt(tmp_path / "checkpoints/last.ckpt")["global_step"] == jf
