@@ -42,8 +42,11 @@ def config(manifest, run_dir, *extra):
 @pytest.fixture(scope="module")
 def wandb_run(manifest, tmp_path_factory):
     """One tiny run: validation before training (step 0) and at step 2, W&B offline."""
+    import wandb
+
     from dlmtrain.train import train
 
+    wandb.finish()  # a run left open by an earlier test would be reused, in its own directory
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
     mp.delenv("WANDB_API_KEY", raising=False)
@@ -51,8 +54,6 @@ def wandb_run(manifest, tmp_path_factory):
     try:
         res = train(config(manifest, out, "logger.wandb.enabled=true"))
     finally:
-        import wandb
-
         wandb.finish()  # flush the offline run's log (otherwise written at interpreter exit)
         mp.undo()
     return res, out
