@@ -140,6 +140,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
     from dlmtrain.backbone import count_params
     from dlmtrain.callbacks.checkpoint_io import AtomicCheckpointIO
     from dlmtrain.callbacks.checkpoints import RunCheckpoints
+    from dlmtrain.callbacks.elbo import ELBOEval
     from dlmtrain.callbacks.guards import NonFiniteGuard
     from dlmtrain.callbacks.progress import ProgressLines
     from dlmtrain.callbacks.stop import RunStopped, StopHandler
@@ -203,6 +204,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
             throughput,
             stop,
             DataMetrics(),
+            ELBOEval(dm.tokenizer, out / "eval"),  # val/* metrics; t-binned NELBO in RUN/eval/ and W&B
             ProgressLines(t.print_every_n_steps, throughput, lines=not bar),
             LearningRateMonitor(logging_interval="step"),
             *(extra_callbacks or []),

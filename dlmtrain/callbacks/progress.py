@@ -60,5 +60,7 @@ class ProgressLines(L.Callback):
             return
         m = trainer.callback_metrics
         if getattr(pl_module, "_last_val_step", -1) == trainer.global_step and "val/nelbo" in m:
-            print(f"[dlmtrain] step {trainer.global_step}: val/nelbo {float(m['val/nelbo']):.4f} nats/token, "
-                  f"ppl <= {float(m['val/ppl_bound']):.2f}, {float(m['val/bpt']):.4f} bits/token", flush=True)
+            se = f" ± {float(m['val/nelbo_se']):.4f}" if "val/nelbo_se" in m else ""
+            bpb = f", {float(m['val/bpb']):.4f} bits/byte" if "val/bpb" in m else ""
+            print(f"[dlmtrain] step {trainer.global_step}: val/nelbo {float(m['val/nelbo']):.4f}{se} nats/token, "
+                  f"ppl <= {float(m['val/ppl_bound']):.2f}, {float(m['val/bpt']):.4f} bits/token{bpb}", flush=True)

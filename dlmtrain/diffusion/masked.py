@@ -19,6 +19,16 @@ weight is  w(t) = -alpha'(t)/(1-alpha(t))  for t >= eps  and  1/eps  below it. T
 estimator is unbiased for   int_eps^1 (diffusion) dt + (reconstruction at eps), and
 its variance stays bounded. With exact conditionals the bound is tight: its
 expectation is -log p(x) (tests/diffusion/test_masked.py checks this on Markov sources).
+
+Discrete time with T steps (Austin et al., 2021, D3PM eq. 1; MDLM sec. 3.2, eq. 8), on the
+grid t_i = i/T, s = t_{i-1}:
+    L_T = sum_{i=1}^T E_{z_{t_i}} KL(q(z_s | z_t, x) || p(z_s | z_t))  +  KL(q(z_1 | x) || p(z_1))
+For absorbing noise with SUBS each step's KL is, per masked token, the posterior's mass on
+x times its cross-entropy:  (alpha_s - alpha_t) / (1 - alpha_t) * -log p(x^i | z_t).  At
+i = 1 (s = 0, alpha_0 = 1) the weight is 1 and the term is the one-shot reconstruction
+-log p(x | z_{t_1}). The prior term is 0: every schedule has alpha(1) = 0, so z_1 is all
+[MASK] and equals the prior (``discrete_weights`` checks alpha(1)). Estimated by drawing
+i ~ U{1..T} and scaling by T; L_T >= L_{2T} >= ... -> the continuous-time bound.
 """
 
 from __future__ import annotations
@@ -72,3 +82,17 @@ def masked_token_nll(logits: torch.Tensor, x0: torch.Tensor, z_t: torch.Tensor, 
     out[masked] = torch.logsumexp(sel, dim=-1) - sel.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)
     return out
 
+
+def discrete_weights(t: torch.Tensor, steps: int, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_i, weight) for the T-step discrete bound from times t ~ U[0, 1): step i = floor(t T) + 1,
+    t_i = i / T, weight = T (alpha_{t_i - 1/T} - alpha_{t_i}) / (1 - alpha_{t_i}) per masked token
+    (T because one step i ~ U{1..T} stands for the sum over all T). Computed in float64: for
+    large T the cosine schedule's 1 - alpha(1/T) ~ 1/T^2 vanishes in float32."""
+    a1 = schedule.alpha(torch.ones((), dtype=torch.float64)).item()
+    if a1 > 1e-9:  # alpha(1) > 0 would leave clean tokens at t = 1: the prior KL against all-[MASK] is infinite
+        raise ValueError(f"schedule {schedule.name} has alpha(1) = {a1:g} > 0: the discrete bound needs alpha(1) = 0")
+    i = (t.double() * steps).floor().clamp(0, steps - 1) + 1
+    ti, si = i / steps, (i - 1) / steps
+    at, as_ = schedule.alpha(ti), schedule.alpha(si)
+    w = torch.where(i == 1, torch.ones_like(at), (as_ - at) / (1.0 - at))  # i = 1: reconstruction, weight 1
+    return ti.to(t.dtype), (steps * w).to(t.dtype)

@@ -109,3 +109,26 @@ def stratified_times(
         idx = offset + torch.randperm(n, generator=generator, device=gen_device)
         u = (idx.to(u.dtype) + u) / total
     return u.to(device) if device is not None else u
+
+
+def draw_times(
+    n: int, k: int, *, antithetic: bool = True, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """[n, k] times in [0, 1): k Monte Carlo draws for each of n sequences.
+
+    With ``antithetic`` the design is a Latin square over the batch: [0, 1) is cut into
+    n * k fine strata grouped in k coarse ones of width 1/k; every row gets one time in
+    each coarse stratum (its k draws cover [0, 1)), and every fine stratum is used by
+    exactly one (row, draw), so the batch covers [0, 1) evenly too (k = 1 is
+    ``stratified_times``). Coarse strata are dealt to columns in random order per row,
+    so each single draw is marginally U[0, 1) and unbiased on its own. Otherwise i.i.d."""
+    gen_device = generator.device if generator is not None else device
+    if not antithetic:
+        u = torch.rand(n, k, generator=generator, device=gen_device)
+        return u.to(device) if device is not None else u
+    fine = torch.argsort(torch.rand(k, n, generator=generator, device=gen_device), dim=1)  # a permutation per stratum
+    fine = (fine + n * torch.arange(k, device=gen_device)[:, None]).T  # [n, k]: row b's cell in coarse stratum c
+    cols = torch.argsort(torch.rand(n, k, generator=generator, device=gen_device), dim=1)
+    u = torch.rand(n, k, generator=generator, device=gen_device)
+    t = (fine.gather(1, cols).to(u.dtype) + u) / (n * k)
+    return t.to(device) if device is not None else t

@@ -1,11 +1,14 @@
 """What every objective shares: optimizer, LR schedule, EMA, logging, NELBO validation.
 
-A subclass builds ``self.backbone`` and implements two methods:
+A subclass builds ``self.backbone`` and implements:
   loss(batch) -> scalar training loss (nats per scored token)
-  nelbo(input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None)
-      -> per-sequence upper bound on -log p(x) in nats, summed over scored tokens
-and ``scored_tokens(input_ids, attention_mask)`` -> per-sequence count of the tokens
-the bound covers. Validation metrics derive from nelbo() alone.
+  nelbo_draws(input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None,
+              discrete_steps=0) -> (nats [B, K], t [B, K]): K Monte Carlo draws of a per-sequence
+      upper bound on -log p(x) in nats, summed over scored tokens, and each draw's time
+  scored_mask(input_ids, attention_mask) -> [B, L] bool, the tokens the bound covers
+``nelbo()`` is the mean of the draws. Validation produces the draws under the EMA weights
+(``validation_step`` returns them); the ELBO callback (dlmtrain/callbacks/elbo.py) turns
+them into val/* metrics. A Trainer given none gets a default one (``configure_callbacks``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dlmtrain.modules.ema import EMA
-
-LN2 = math.log(2.0)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -67,20 +68,29 @@ class DiffusionModule(L.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.ema: EMA | None = None
-        self._val = None
         self.abort_validation = False  # set by the stop handler: a cut-short validation logs nothing
 
     # ---- subclass API ---------------------------------------------------------------
     def loss(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
+    def nelbo_draws(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None,
+                    discrete_steps=0) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def scored_tokens(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    discrete_bound = False  # whether nelbo_draws(discrete_steps=T > 0) is implemented
+
+    def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
+        """Per-sequence upper bound on -log p(x) in nats: the mean of ``num_samples`` draws."""
+        return self.nelbo_draws(input_ids, attention_mask, num_samples, generator, segment_ids)[0].mean(1)
+
+    def scored_mask(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         if attention_mask is None:
-            return torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
-        return attention_mask.sum(-1)
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        return attention_mask.bool()
+
+    def scored_tokens(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        return self.scored_mask(input_ids, attention_mask).sum(-1)
 
     # ---- distributed context (no-ops outside a Trainer) ------------------------------
     @property
@@ -127,40 +137,41 @@ class DiffusionModule(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ---- validation: NELBO under the EMA weights -------------------------------------
+    # ---- validation: NELBO draws under the EMA weights ----------------------------------
+    def configure_callbacks(self):
+        """A Trainer without an ELBO callback gets one (metrics only, no files), so validation
+        always yields val/*; `dlmtrain train` passes its own (run directory, W&B)."""
+        from dlmtrain.callbacks.elbo import ELBOEval
+
+        if self._trainer is not None and any(isinstance(c, ELBOEval) for c in self.trainer.callbacks):
+            return []
+        return [ELBOEval()]
+
     def on_validation_epoch_start(self) -> None:
         if self.ema is not None:
             self.ema.swap_in(self.backbone)
-        self._val = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, sequences
-        # Same draws every validation: the same weights always give the same val/nelbo.
-        self._val_gen = torch.Generator(device=self.device)
-        self._val_gen.manual_seed(self.cfg.trainer.seed + 7919 * (1 + self.rank_and_world[0]))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        ids, am = batch["input_ids"], batch.get("attention_mask")
-        nel = self.nelbo(ids, am, num_samples=self.cfg.eval.nelbo_samples, generator=self._val_gen,
-                         segment_ids=batch.get("segment_ids"))
-        ntok = self.scored_tokens(ids, am)
-        rows = ntok > 0
-        self._val += torch.stack([nel[rows].sum().double(), ntok.sum().double(), rows.sum().double()])
+    def elbo_batch(self, batch: dict, generator: torch.Generator, num_samples: int, discrete_steps: int = 0) -> dict:
+        """The draws the ELBO accumulator needs for one batch: ``nats``/``t`` [B, K] (continuous
+        time), ``scored`` [B, L], and ``nats_T`` [B, K] (the T-step bound) when discrete_steps > 0."""
+        ids, am, seg = batch["input_ids"], batch.get("attention_mask"), batch.get("segment_ids")
+        nats, t = self.nelbo_draws(ids, am, num_samples, generator, seg)
+        out = {"nats": nats, "t": t, "scored": self.scored_mask(ids, am)}
+        if discrete_steps > 0:
+            out["nats_T"] = self.nelbo_draws(ids, am, num_samples, generator, seg, discrete_steps=discrete_steps)[0]
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        from dlmtrain.eval.elbo import eval_generator
+
+        # Same draws every validation (comparable curves), a function of (seed, rank, batch)
+        # only: not of the DataLoader workers or of what earlier batches consumed.
+        g = eval_generator(self.cfg.trainer.seed, self.rank_and_world[0], batch_idx, self.device)
+        return self.elbo_batch(batch, g, self.cfg.eval.nelbo_samples, self.cfg.eval.discrete_steps)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self.trainer.strategy.reduce(self._val, reduce_op="sum") if self._trainer else self._val
-        nats, tokens, seqs = sums.tolist()
-        if tokens > 0 and not self.abort_validation:
-            self._last_val_step = self.global_step
-            per_tok = nats / tokens
-            self.log_dict(
-                {
-                    "val/nelbo": per_tok,
-                    "val/ppl_bound": math.exp(min(per_tok, 50.0)),
-                    "val/bpt": per_tok / LN2,
-                    "val/tokens": tokens,
-                },
-                sync_dist=False,
-                rank_zero_only=False,
-            )
         # Restore training weights here, before ModelCheckpoint saves in on_validation_end.
+        # (Callbacks' on_validation_epoch_end, where the ELBO callback logs, ran before this.)
         if self.ema is not None:
             self.ema.swap_out(self.backbone)
 

@@ -12,13 +12,15 @@ import torch
 from omegaconf import DictConfig
 
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
-from dlmtrain.diffusion.masked import corrupt, masked_token_nll, time_weights
-from dlmtrain.diffusion.schedules import get_schedule, stratified_times
+from dlmtrain.diffusion.masked import corrupt, discrete_weights, masked_token_nll, time_weights
+from dlmtrain.diffusion.schedules import draw_times, get_schedule, stratified_times
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
 
 
 class MDLM(DiffusionModule):
+    discrete_bound = True
+
     def __init__(self, cfg: DictConfig | None = None, config: dict | None = None):
         super().__init__(cfg, config)
         m, o = self.cfg.model, self.cfg.objective
@@ -35,13 +37,17 @@ class MDLM(DiffusionModule):
             fixed |= input_ids == self.cfg.model.eos_id
         return fixed
 
-    def scored_tokens(self, input_ids, attention_mask=None):
-        return (~self._fixed(input_ids, attention_mask)).sum(-1)
+    def scored_mask(self, input_ids, attention_mask=None):
+        return ~self._fixed(input_ids, attention_mask)
 
-    def _token_nelbo(self, x0, t, attention_mask=None, segment_ids=None, generator=None) -> torch.Tensor:
-        """One Monte Carlo draw of the per-token NELBO contributions [B, L] at times t [B]."""
+    def _token_nelbo(self, x0, t, attention_mask=None, segment_ids=None, generator=None, discrete_steps=0):
+        """One Monte Carlo draw of the per-token NELBO contributions [B, L] at times t [B]
+        (continuous time, or the T-step discrete bound when discrete_steps = T > 0)."""
         o = self.cfg.objective
-        tau, w = time_weights(t, self.schedule, o.eps)
+        if discrete_steps > 0:
+            tau, w = discrete_weights(t, discrete_steps, self.schedule)
+        else:
+            tau, w = time_weights(t, self.schedule, o.eps)
         z = corrupt(x0, 1.0 - self.schedule.alpha(tau), self.mask_id, generator, keep=self._fixed(x0, attention_mask))
         if segment_ids is None and self.cfg.model.document_mask:
             segment_ids = segment_ids_from_eos(x0, self.cfg.model.eos_id)
@@ -60,11 +66,15 @@ class MDLM(DiffusionModule):
         per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g)
         return per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)
 
-    def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
-        total = torch.zeros(input_ids.shape[0], device=input_ids.device)
-        for _ in range(num_samples):
-            t = stratified_times(
-                input_ids.shape[0], antithetic=self.cfg.objective.antithetic, generator=generator, device=input_ids.device
-            )
-            total += self._token_nelbo(input_ids, t, attention_mask, segment_ids, generator).sum(-1)
-        return total / num_samples
+    def nelbo_draws(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None,
+                    discrete_steps=0):
+        """(nats [B, K], t [B, K]): K draws per sequence, times stratified (see draw_times)."""
+        b, dev = input_ids.shape[0], input_ids.device
+        t = draw_times(b, num_samples, antithetic=self.cfg.objective.antithetic, generator=generator, device=dev)
+        nats = torch.stack([
+            self._token_nelbo(input_ids, t[:, k], attention_mask, segment_ids, generator, discrete_steps).sum(-1)
+            for k in range(num_samples)
+        ], 1)
+        if discrete_steps > 0:
+            t = discrete_weights(t, discrete_steps, self.schedule)[0]  # the grid time i/T each draw used
+        return nats, t
