@@ -82,16 +82,19 @@ def run_eval(args) -> int:
     res = evaluate(module, dm, num_samples=args.samples, seed=args.seed, tokenizer=dm.tokenizer,
                    t_bins=int(module.cfg.eval.t_bins), discrete_steps=int(module.cfg.eval.discrete_steps),
                    max_batches=args.max_batches or None, progress=sys.stderr.isatty())
-    res = {k: v for k, v in res.items() if k != "t_bins"} | {"t_bins": res.get("t_bins")}
+    for key in ("nelbo", "ppl_bound", "bpt", "bpb"):  # the standard error including data sampling (see eval/elbo.py)
+        if f"{key}_se" in res:
+            res[f"{key}_stderr"] = res[f"{key}_se"]
     res.update(checkpoint=str(args.checkpoint), step=module.global_step_loaded, weights=module.weights,
                seed=args.seed, samples=args.samples, data=dm.manifest_url)
     rows = [("NELBO (nats/token)", "nelbo"), ("perplexity bound", "ppl_bound"), ("bits/token", "bpt"),
             ("bits/byte", "bpb")]
-    print(f"{args.checkpoint} (step {res['step']}, {module.weights} weights), {res['sequences']} sequences, "
-          f"{res['tokens']} tokens, {args.samples} draws each, seed {args.seed}")
+    print(f"{args.checkpoint} (step {res['step']}, {module.weights} weights): {int(res['sequences'])} sequences, "
+          f"{int(res['tokens'])} tokens, {args.samples} noise draws each, seed {args.seed}")
     for label, key in rows:
-        se = res.get(f"{key}_stderr")
-        print(f"  {label:<20} {res[key]:>10.4f}" + (f"  ± {se:.4f}" if se is not None else ""))
+        if key in res:
+            se = res.get(f"{key}_stderr")
+            print(f"  {label:<20} {res[key]:>10.4f}" + (f"  ± {se:.4f}" if se is not None else ""))
     if args.out:
         from dlmtrain.data.format import write_json_atomic
 
