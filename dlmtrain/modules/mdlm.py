@@ -12,10 +12,12 @@ import torch
 from omegaconf import DictConfig
 
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
-from dlmtrain.diffusion.masked import corrupt, masked_token_nll, time_weights
+from dlmtrain.diffusion.masked import corrupt, masked_token_nll, subs_logits, time_weights
 from dlmtrain.diffusion.schedules import get_schedule, stratified_times
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
+from dlmtrain.sampling.masked import MASKED_SAMPLERS
+from dlmtrain.sampling.registry import register_samplers
 
 
 class MDLM(DiffusionModule):
@@ -60,6 +62,21 @@ class MDLM(DiffusionModule):
         per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g)
         return per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)
 
+    # ---- what the samplers use (dlmtrain/sampling/masked.py) ---------------------------------
+    @property
+    def time_conditioned(self) -> bool:
+        return bool(self.cfg.objective.time_conditioning)
+
+    def denoise(self, z, t, segment_ids=None, attention_mask=None) -> torch.Tensor:
+        """log p(x0 | z_t) under SUBS, float32 [B, L, V]; t [B] is used only with time conditioning.
+        Under document masking the backbone derives the boundaries from the EOS tokens in z."""
+        sigma = None
+        if self.time_conditioned:
+            t = torch.as_tensor(t, dtype=torch.float32, device=z.device).reshape(-1).expand(z.shape[0])
+            sigma = self.schedule.sigma(t)
+        logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask)
+        return subs_logits(logits.float(), z, self.mask_id)
+
     def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
         total = torch.zeros(input_ids.shape[0], device=input_ids.device)
         for _ in range(num_samples):
@@ -68,3 +85,6 @@ class MDLM(DiffusionModule):
             )
             total += self._token_nelbo(input_ids, t, attention_mask, segment_ids, generator).sum(-1)
         return total / num_samples
+
+
+register_samplers(MDLM, MASKED_SAMPLERS)
