@@ -96,3 +96,46 @@ def discrete_weights(t: torch.Tensor, steps: int, schedule: Schedule) -> tuple[t
     at, as_ = schedule.alpha(ti), schedule.alpha(si)
     w = torch.where(i == 1, torch.ones_like(at), (as_ - at) / (1.0 - at))  # i = 1: reconstruction, weight 1
     return ti.to(t.dtype), (steps * w).to(t.dtype)
+
+
+# ---- the reverse process (samplers in dlmtrain/sampling/masked.py) ----------------------
+
+
+def reveal_probability(alpha_s: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """P(a token masked at time t is clean at time s < t) under the true reverse process.
+
+    MDLM (Sahoo et al., 2024), the absorbing-state posterior for z_t = [MASK]:
+        q(z_s | z_t = m, x) = Cat(z_s; [(1 - alpha_s) m + (alpha_s - alpha_t) x] / (1 - alpha_t)),
+    so the token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), and its
+    value is drawn from the denoiser p(x | z_t) (SUBS). At s = 0 (alpha_s = 1) it is 1."""
+    return ((alpha_s - alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+
+
+def first_hitting_time(schedule: Schedule, t: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The time s < t of the next reveal when n tokens are masked at time t (u ~ U(0, 1)).
+
+    Zheng et al., 2024, "Masked diffusion models are secretly time-agnostic masked models"
+    (first-hitting sampler). Under the reverse process each masked token's reveal time
+    tau is independent with  P(tau <= s | masked at t) = (1 - alpha(s)) / (1 - alpha(t))
+    (the product of the per-step survival probabilities of reveal_probability telescopes
+    to this). The next reveal is the largest of n such times:
+        P(max <= s) = ((1 - alpha(s)) / (1 - alpha(t)))^n = u
+        =>  alpha(s) = 1 - (1 - alpha(t)) u^(1/n),   s = alpha^{-1}(...).
+    t, n, u broadcast; n >= 1 (rows with n = 0 get s = 0)."""
+    t, u = t.double(), u.double()
+    n = n.double().clamp_min(1.0)
+    a_s = 1.0 - (1.0 - schedule.alpha(t)) * u.pow(1.0 / n)
+    return schedule.time_of_alpha(a_s).clamp(0.0, 1.0)
+
+
+def guided_log_probs(logp_cond: torch.Tensor, logp_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unsupervised classifier-free guidance (Nie et al., 2024, "Scaling up masked diffusion
+    models on text" (SMDM), arXiv:2410.18514; the same rule in LLaDA's generate.py):
+        log p_w(x0 | z) = (1 + w) log p(x0 | z) - w log p(x0 | z_uncond)  + const,
+    renormalised; z_uncond is z with the conditioning tokens masked. On log-probabilities
+    this equals guidance on logits (the per-position normalisers only shift the result).
+    Entries that are -inf in the conditional stay -inf ([MASK], SUBS one-hots); [B, L, V]."""
+    dead = torch.isinf(logp_cond) | torch.isinf(logp_uncond)
+    mixed = (1.0 + scale) * logp_cond.masked_fill(dead, 0.0) - scale * logp_uncond.masked_fill(dead, 0.0)
+    mixed = mixed.masked_fill(torch.isinf(logp_cond), float("-inf"))
+    return torch.log_softmax(mixed, dim=-1)

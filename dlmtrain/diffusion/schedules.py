@@ -34,6 +34,17 @@ class Schedule:
         """Total noise -log alpha(t), clipped at 1e-6 < alpha: the backbone's conditioning input."""
         return -torch.log(self.alpha(t).clamp_min(1e-6))
 
+    def time_of_alpha(self, a: torch.Tensor) -> torch.Tensor:
+        """The inverse of alpha: t with alpha(t) = a, for a in [0, 1] (samplers that draw reveal
+        times). Generic fallback: 60 bisection steps on the decreasing alpha (exact to float64)."""
+        a = torch.as_tensor(a, dtype=torch.float64)
+        lo, hi = torch.zeros_like(a), torch.ones_like(a)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            above = self.alpha(mid) > a  # alpha decreases: the root lies right of mid
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
 
 class LogLinear(Schedule):
     """alpha(t) = 1 - t  (MDLM's "loglinear": sigma(t) = -log(1 - t)); weight 1/t."""
@@ -45,6 +56,9 @@ class LogLinear(Schedule):
 
     def alpha_prime(self, t):
         return -torch.ones_like(t)
+
+    def time_of_alpha(self, a):
+        return 1.0 - torch.as_tensor(a)
 
 
 class Linear(Schedule):
@@ -66,6 +80,10 @@ class Linear(Schedule):
     def alpha_prime(self, t):
         return -(self.s1 - self.s0) * self._raw(t) / (self.a0 - self.a1)
 
+    def time_of_alpha(self, a):
+        raw = torch.as_tensor(a) * (self.a0 - self.a1) + self.a1
+        return ((-torch.log(raw) - self.s0) / (self.s1 - self.s0)).clamp(0.0, 1.0)
+
 
 class Cosine(Schedule):
     """alpha(t) = cos(pi t / 2) (Shi et al., 2024, MD4 "cosine"); weight ~ 2/t near 0."""
@@ -77,6 +95,9 @@ class Cosine(Schedule):
 
     def alpha_prime(self, t):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def time_of_alpha(self, a):
+        return torch.arccos(torch.as_tensor(a).clamp(0.0, 1.0)) * (2.0 / math.pi)
 
 
 SCHEDULES = {"loglinear": LogLinear, "linear": Linear, "cosine": Cosine}

@@ -12,10 +12,12 @@ import torch
 from omegaconf import DictConfig
 
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
-from dlmtrain.diffusion.masked import corrupt, discrete_weights, masked_token_nll, time_weights
+from dlmtrain.diffusion.masked import corrupt, discrete_weights, masked_token_nll, subs_logits, time_weights
 from dlmtrain.diffusion.schedules import draw_times, get_schedule, stratified_times
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
+from dlmtrain.sampling.masked import MASKED_SAMPLERS
+from dlmtrain.sampling.registry import register_samplers
 
 
 class MDLM(DiffusionModule):
@@ -78,3 +80,21 @@ class MDLM(DiffusionModule):
         if discrete_steps > 0:
             t = discrete_weights(t, discrete_steps, self.schedule)[0]  # the grid time i/T each draw used
         return nats, t
+
+    # ---- what the samplers use (dlmtrain/sampling/masked.py) ---------------------------------
+    @property
+    def time_conditioned(self) -> bool:
+        return bool(self.cfg.objective.time_conditioning)
+
+    def denoise(self, z, t, segment_ids=None, attention_mask=None) -> torch.Tensor:
+        """log p(x0 | z_t) under SUBS, float32 [B, L, V]; t [B] is used only with time conditioning.
+        Under document masking the backbone derives the boundaries from the EOS tokens in z."""
+        sigma = None
+        if self.time_conditioned:
+            t = torch.as_tensor(t, dtype=torch.float32, device=z.device).reshape(-1).expand(z.shape[0])
+            sigma = self.schedule.sigma(t)
+        logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask)
+        return subs_logits(logits.float(), z, self.mask_id)
+
+
+register_samplers(MDLM, MASKED_SAMPLERS)
