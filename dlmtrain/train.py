@@ -174,6 +174,12 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
         fill_from_data(cfg, dm)
         check_resume_config(cfg, resume, say=say)
         module = build_module(cfg)
+        samples = None
+        if cfg.eval.sample_every_n_steps:  # checked now (sampler, evaluation LM), not after hours of training
+            from dlmtrain.callbacks.samples import SampleQuality
+
+            samples = SampleQuality(cfg, out, dm.tokenizer, dm.seq_len)
+            samples.check(module)
         has_val = bool(dm.val_shards)
         if not has_val:
             say(f"[dlmtrain] WARNING: {dm.manifest_url} has no validation split: training without validation "
@@ -207,6 +213,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
             ELBOEval(dm.tokenizer, out / "eval"),  # val/* metrics; t-binned NELBO in RUN/eval/ and W&B
             ProgressLines(t.print_every_n_steps, throughput, lines=not bar),
             LearningRateMonitor(logging_interval="step"),
+            *([samples] if samples else []),
             *(extra_callbacks or []),
         ]
         if t.compile:
@@ -284,9 +291,11 @@ def _run(trainer, module, dm, cfg, ckpts, resume, has_val: bool, result: dict, s
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     result.update(metrics, step=trainer.global_step, stopped_early=False)
     if trainer.is_global_zero and "val/nelbo" in metrics:
+        se = f" ± {metrics['val/nelbo_se']:.4f}" if "val/nelbo_se" in metrics else ""
+        bpb = f", {metrics['val/bpb']:.4f} bits/byte" if "val/bpb" in metrics else ""
         print(
-            f"[dlmtrain] step {trainer.global_step}: val/nelbo {metrics['val/nelbo']:.4f} nats/token, "
-            f"ppl <= {metrics['val/ppl_bound']:.2f}, {metrics['val/bpt']:.4f} bits/token; checkpoints in {ckpts.dir}",
+            f"[dlmtrain] finished at step {trainer.global_step}: val/nelbo {metrics['val/nelbo']:.4f}{se} nats/token, "
+            f"ppl <= {metrics['val/ppl_bound']:.2f}, {metrics['val/bpt']:.4f} bits/token{bpb}; checkpoints in {ckpts.dir}",
             flush=True,
         )
     return result

@@ -29,18 +29,23 @@ class SampleQuality(L.Callback):
         self.lm: EvalLM | None = EvalLM(cfg.eval.eval_lm) if cfg.eval.eval_lm else None
         self._done_step = -1
 
-    def setup(self, trainer, pl_module, stage):
+    def check(self, module) -> None:
+        """The configured sampler exists for this objective (a one-line error otherwise)."""
+        from dlmtrain.errors import ConfigError
         from dlmtrain.sampling import supported_samplers
 
+        names = supported_samplers(module)
+        for key in ("sampler", "inner"):
+            name = getattr(self.cfg.sampling, key)
+            if (key == "sampler" or self.cfg.sampling.sampler == "semi_ar") and name not in names:
+                raise ConfigError(f"sampling.{key}={name!r} is not supported by {type(module).__name__}; "
+                                  f"choose one of: {', '.join(names)}")
+
+    def setup(self, trainer, pl_module, stage):
+        self.check(pl_module)
         if self.lm is not None:
             self.lm.model.to(pl_module.device)
             self.lm.device = pl_module.device
-        names = supported_samplers(pl_module)
-        if self.cfg.sampling.sampler not in names:
-            from dlmtrain.errors import ConfigError
-
-            raise ConfigError(f"sampling.sampler={self.cfg.sampling.sampler!r} is not supported by "
-                              f"{type(pl_module).__name__}; choose one of: {', '.join(names)}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -49,10 +54,10 @@ class SampleQuality(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if self.every and trainer.global_step != self._done_step:
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, show=3)
 
-    def run(self, trainer, pl_module) -> dict | None:
-        """Draw, score and log one set of samples (rank 0)."""
+    def run(self, trainer, pl_module, show: int = 0) -> dict | None:
+        """Draw, score and log one set of samples (rank 0); print the first ``show`` of them."""
         from dlmtrain.sampling import sample_from_config
 
         self._done_step = step = trainer.global_step
@@ -73,6 +78,15 @@ class SampleQuality(L.Callback):
             for s, t in zip(ids, texts):
                 f.write(json.dumps({"step": step, "sampler": sp.sampler, "steps": sp.steps, "nfe": res.nfe,
                                     "text": t, "tokens": s}) + "\n")
+        line = (f"[dlmtrain] samples at step {step} ({sp.sampler}, {sp.steps} steps, NFE {res.nfe}, "
+                f"{res.tokens_per_s:,.0f} tokens/s): entropy {stats['samples/entropy']:.2f} nats, "
+                f"distinct-4 {stats['samples/distinct_4']:.3f}")
+        if "samples/gen_ppl" in stats:
+            line += f", gen ppl {stats['samples/gen_ppl']:.1f}"
+        print(line, flush=True)
+        for i, t in enumerate(texts[:show]):
+            short = t if len(t) <= 400 else t[:400] + " ..."
+            print(f"--- sample {i} ---\n{short}", flush=True)
         for lg in trainer.loggers:
             lg.log_metrics(stats, step=step)
             if type(lg).__name__ == "WandbLogger":
