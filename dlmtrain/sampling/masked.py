@@ -37,10 +37,11 @@ What ``steps`` means, and the network evaluations (NFE) each sampler makes per b
 - ``semi_ar`` (LLaDA semi-autoregressive): blocks of ``block_len`` positions, left to right;
   in each block the ``inner`` sampler reveals the block's free positions. Positions right of
   the current block stay [MASK] and the model sees them (the sequence keeps its length L,
-  as in training), positions left of it are final. ``steps`` is split evenly over the
-  blocks (the remainder to the first blocks, at least 1 each, so NFE may exceed ``steps``
-  when steps < number of blocks); each block's share means for ``inner`` what ``steps``
-  means above. Inner samplers restart their clock at t = 1 in every block.
+  as in training), positions left of it are final. ``steps`` is split evenly over all
+  ceil(L / block_len) blocks (the remainder to the first blocks, at least 1 each, so NFE may
+  exceed ``steps`` when steps < number of blocks; a fully conditioned block is skipped and
+  its share unused); each block's share means for ``inner`` what ``steps`` means above.
+  Inner samplers restart their clock at t = 1 in every block.
 
 Values are drawn from the denoiser's distribution after temperature, top-k and top-p
 (dlmtrain/sampling/categorical.py), in float64 by default; reveal decisions use float64
