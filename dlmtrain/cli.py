@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = be.add_subparsers(dest="bench", required=True)
     from dlmtrain.bench import data as bench_data
     from dlmtrain.bench import model as bench_model
+    from dlmtrain.bench import sample as bench_sample
 
-    for name, mod, text in (("model", bench_model, "forward+backward tokens/s and MFU"), ("data", bench_data, "shard reading tokens/s per worker")):
+    for name, mod, text in (("model", bench_model, "forward+backward tokens/s and MFU"), ("data", bench_data, "shard reading tokens/s per worker"),
+                            ("sample", bench_sample, "sampler tokens/s and network evaluations")):
         sp = bsub.add_parser(name, help=text, description=text)
         mod.add_arguments(sp)
         sp.set_defaults(func=_bench, bench_run=mod.run)

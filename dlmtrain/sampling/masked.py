@@ -37,10 +37,11 @@ What ``steps`` means, and the network evaluations (NFE) each sampler makes per b
 - ``semi_ar`` (LLaDA semi-autoregressive): blocks of ``block_len`` positions, left to right;
   in each block the ``inner`` sampler reveals the block's free positions. Positions right of
   the current block stay [MASK] and the model sees them (the sequence keeps its length L,
-  as in training), positions left of it are final. ``steps`` is split evenly over the
-  blocks (the remainder to the first blocks, at least 1 each, so NFE may exceed ``steps``
-  when steps < number of blocks); each block's share means for ``inner`` what ``steps``
-  means above. Inner samplers restart their clock at t = 1 in every block.
+  as in training), positions left of it are final. ``steps`` is split evenly over all
+  ceil(L / block_len) blocks (the remainder to the first blocks, at least 1 each, so NFE may
+  exceed ``steps`` when steps < number of blocks; a fully conditioned block is skipped and
+  its share unused); each block's share means for ``inner`` what ``steps`` means above.
+  Inner samplers restart their clock at t = 1 in every block.
 
 Values are drawn from the denoiser's distribution after temperature, top-k and top-p
 (dlmtrain/sampling/categorical.py), in float64 by default; reveal decisions use float64
@@ -96,7 +97,7 @@ def run_ancestral(den: Denoiser, z, region, steps: int, opts: SamplerOptions, rn
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     alpha = den.schedule.alpha(grid)
     use_cache = opts.cache and not den.time_conditioned
-    logp = None
+    logp, stale = None, True
     for k in range(steps):
         masked = (z == den.mask_id) & region
         if not masked.any():
@@ -105,14 +106,14 @@ def run_ancestral(den: Denoiser, z, region, steps: int, opts: SamplerOptions, rn
         u = torch.rand(z.shape, generator=g, device=z.device, dtype=torch.float64)
         p = 1.0 if k == steps - 1 else reveal_probability(alpha[k + 1], alpha[k]).item()
         reveal = masked & (u < p)
-        if not use_cache:
-            logp = den(z, grid[k].item())
+        # cache: evaluate only when z changed and a reveal needs it. The stale output stays
+        # alive until replaced: dropping it made the CPU allocator trim and re-fault its
+        # ~[B, L, V] buffers every step (15-25% slower per evaluation).
+        if not use_cache or (stale and reveal.any()):
+            logp, stale = den(z, grid[k].item()), False
         if reveal.any():
-            if logp is None:  # cache: z changed since the last evaluation (or none yet)
-                logp = den(z, grid[k].item())
             z[reveal] = _draw(logp[reveal], g, opts)
-            if use_cache:
-                logp = None
+            stale = True
     return z
 
 
