@@ -4,9 +4,6 @@ sample-quality callback (evaluation LM, W&B table) inside training."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,23 +13,12 @@ from dlmtrain.cli import main
 from dlmtrain.errors import ConfigError
 from dlmtrain.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(make_corpus, tmp_path_factory):
+    manifest = make_corpus(["alpha", "beta", "gamma", "delta", "diffusion", "model"], 24, 50, 3, "--val-fraction", "0.15")
     root = tmp_path_factory.mktemp("evalcmd")
-    (root / "text").mkdir()
-    words = ["alpha", "beta", "gamma", "delta", "diffusion", "model"]
-    g = torch.Generator().manual_seed(3)
-    for i in range(24):
-        idx = torch.randint(0, len(words), (50,), generator=g).tolist()
-        (root / "text" / f"d{i}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
-    r = subprocess.run([sys.executable, "-m", "data_prep", str(root / "text"), "--out", str(root / "shards"),
-                        "--tokenizer", "bytes", "--seq-len", "64", "--val-fraction", "0.15"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    manifest = root / "shards" / "manifest.json"
     train(load_config("configs/demo.yaml", [
         f"data.manifest={manifest}", f"run.dir={root / 'run'}", "data.num_workers=0", "trainer.max_steps=6",
         "trainer.global_batch_size=8", "trainer.val_every_n_steps=6", "trainer.limit_val_batches=2",

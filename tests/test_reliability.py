@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,22 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(make_corpus):
     """Byte-tokenized text in many small shards (~8 sequences of 64 tokens each)."""
-    root = tmp_path_factory.mktemp("rel")
-    src = root / "text"
-    src.mkdir()
     words = ["alpha", "beta", "gamma", "delta", "diffusion", "model", "token", "mask"]
-    g = torch.Generator().manual_seed(1)
-    for i in range(40):
-        idx = torch.randint(0, len(words), (60,), generator=g).tolist()
-        (src / f"doc{i:03d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
-    out = root / "shards"
-    r = subprocess.run([sys.executable, "-m", "data_prep", str(src), "--out", str(out), "--tokenizer", "bytes",
-                        "--seq-len", "64", "--val-fraction", "0.1", "--shard-size", "16KB"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    return out / "manifest.json"
+    return make_corpus(words, 40, 60, 1, "--val-fraction", "0.1", "--shard-size", "16KB")
 
 
 def cfg_for(manifest, run_dir, *extra):
@@ -253,7 +240,7 @@ def test_truncated_last_ckpt_falls_back_to_newest_readable(corpus, tmp_path, cap
     capsys.readouterr()
     res = train(cfg_for(corpus, tmp_path, "trainer.max_steps=10", "trainer.val_every_n_steps=4", "trainer.save_top_k=1"))
     out = capsys.readouterr().out
-    assert "last.ckpt is not a readable checkpoint" in out and f"Falling back" in out and best.name in out
+    assert "last.ckpt is not a readable checkpoint" in out and "Falling back" in out and best.name in out
     assert res["step"] == 10 and ckpt(last)["global_step"] == 10
 
 

@@ -18,23 +18,9 @@ from dlmtrain.train import train
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "text"
-    src.mkdir()
+def manifest(make_corpus):
     words = ["alpha", "beta", "gamma", "delta", "diffusion", "model", "token", "mask"]
-    g = torch.Generator().manual_seed(0)
-    for i in range(40):
-        idx = torch.randint(0, len(words), (60,), generator=g).tolist()
-        (src / f"doc{i:03d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
-    out = root / "shards"
-    r = subprocess.run(
-        [sys.executable, "-m", "data_prep", str(src), "--out", str(out), "--tokenizer", "bytes",
-         "--seq-len", "64", "--val-fraction", "0.1"],
-        capture_output=True, text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    return out / "manifest.json"
+    return make_corpus(words, 40, 60, 0, "--val-fraction", "0.1")
 
 
 def config(manifest, run_dir, *extra):

@@ -92,17 +92,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['sampler']:<18} {r['steps']:>6} {r['nfe']:>6} {r['seconds']:>9.3f} {r['tokens_per_s']:>10,.1f} "
               f"{r['ms_per_nfe']:>8.2f}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dlmtrain bench sample", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}")
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,33 +3,19 @@ without a Trainer giving the same numbers as a Trainer's validation."""
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
-import torch
 
 from dlmtrain import load_config
 from dlmtrain.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "text").mkdir()
+def manifest(make_corpus):
     words = ["alpha", "beta", "délta", "naïve", "日本", "token", "mask"]  # multi-byte: bytes != characters
-    g = torch.Generator().manual_seed(0)
-    for i in range(24):
-        idx = torch.randint(0, len(words), (50,), generator=g).tolist()
-        (root / "text" / f"d{i}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
-    r = subprocess.run([sys.executable, "-m", "data_prep", str(root / "text"), "--out", str(root / "shards"),
-                        "--tokenizer", "bytes", "--seq-len", "64", "--val-fraction", "0.15"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return root / "shards" / "manifest.json"
+    return make_corpus(words, 24, 50, 0, "--val-fraction", "0.15")
 
 
 def config(manifest, run_dir, *extra):

@@ -1,0 +1,33 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def make_corpus(tmp_path_factory):
+    """``make_corpus(words, docs=40, words_per_doc=60, seed=0, *data_prep_args) -> manifest path``:
+    random documents over ``words`` as text files, prepared with the byte tokenizer (seq_len 64)."""
+
+    def make(words, docs: int = 40, words_per_doc: int = 60, seed: int = 0, *args: str) -> Path:
+        root = tmp_path_factory.mktemp("corpus")
+        (root / "text").mkdir()
+        g = torch.Generator().manual_seed(seed)
+        for i in range(docs):
+            idx = torch.randint(0, len(words), (words_per_doc,), generator=g).tolist()
+            (root / "text" / f"doc{i:03d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
+        r = subprocess.run([sys.executable, "-m", "data_prep", str(root / "text"), "--out", str(root / "shards"),
+                            "--tokenizer", "bytes", "--seq-len", "64", *args],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return root / "shards" / "manifest.json"
+
+    return make
