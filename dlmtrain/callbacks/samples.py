@@ -49,8 +49,8 @@ class SampleQuality(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step and step % self.every == 0 and step != self._done_step:
-            self.run(trainer, pl_module)
+        if self.every and step and step % self.every == 0 and step != self._done_step and step < trainer.max_steps:
+            self.run(trainer, pl_module)  # the last step's samples come from on_train_end, printed
 
     def on_train_end(self, trainer, pl_module):
         if self.every and trainer.global_step != self._done_step:
