@@ -57,13 +57,69 @@ class ModelConfig:
     init_std: float = 0.02
 
 
+# One typed section per objective: `objective.name` picks the schema, so an option of another
+# objective (objective.graph under mdlm) is an error, not silently ignored.
+
+
 @dataclass
-class ObjectiveConfig:
+class MDLMObjective:
+    """Masked (absorbing) diffusion, SUBS (dlmtrain/modules/mdlm.py), with LLaDA's options."""
+
     name: str = "mdlm"
     schedule: str = "loglinear"  # loglinear | linear | cosine
-    eps: float = 1e-3  # t is drawn from [eps, 1] (avoids the 1/t blow-up at t=0)
+    eps: float = 1e-3  # below eps the bound uses a one-shot reconstruction term (see diffusion/masked.py)
     time_conditioning: bool = False  # feed the noise level to the backbone (adaLN)
     antithetic: bool = True  # stratified t over the global batch (lower variance)
+    random_length_fraction: float = 0.0  # LLaDA: this share of training sequences is cut to a random length (0.01)
+
+
+@dataclass
+class SEDDObjective:
+    """Score entropy discrete diffusion (dlmtrain/modules/sedd.py)."""
+
+    name: str = "sedd"
+    graph: str = "absorb"  # absorb | uniform
+    noise: str = "loglinear"  # loglinear | geometric
+    sigma_min: float = 1e-4  # geometric noise: sigma(t) = sigma_min^(1-t) sigma_max^t
+    sigma_max: float = 20.0
+    eps: float = 1e-3  # t < eps: covered by a reconstruction term so the bound stays valid
+    antithetic: bool = True
+
+
+@dataclass
+class D3PMObjective:
+    """Discrete-time D3PM (dlmtrain/modules/d3pm.py)."""
+
+    name: str = "d3pm"
+    graph: str = "absorb"  # absorb | uniform
+    T: int = 1000  # diffusion steps
+    schedule: str = "auto"  # auto (jsd 1/(T-t+1) for absorb, cosine for uniform) | jsd | cosine | linear
+    hybrid_lambda: float = 0.01  # weight of the auxiliary -log p(x0 | x_t) in the training loss (never in nelbo)
+    antithetic: bool = True
+
+
+@dataclass
+class UDLMObjective:
+    """Uniform-state continuous-time diffusion (dlmtrain/modules/udlm.py)."""
+
+    name: str = "udlm"
+    schedule: str = "loglinear"  # loglinear | linear | cosine (alpha(t) of the uniform-state process)
+    eps: float = 1e-3
+    time_conditioning: bool = True
+    antithetic: bool = True
+
+
+@dataclass
+class ARObjective:
+    """The autoregressive baseline: the backbone in causal mode (dlmtrain/modules/ar.py)."""
+
+    name: str = "ar"
+
+
+OBJECTIVES: dict[str, type] = {
+    "mdlm": MDLMObjective, "sedd": SEDDObjective, "d3pm": D3PMObjective, "udlm": UDLMObjective, "ar": ARObjective,
+}
+ObjectiveConfig = MDLMObjective  # the default objective
 
 
 @dataclass
@@ -174,7 +230,7 @@ class RunConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Any = field(default_factory=MDLMObjective)  # typed by objective.name: see OBJECTIVES
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -201,6 +257,11 @@ def _unknown_key_message(key: str, where: str, schema: DictConfig) -> str:
         siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
         close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.7)]
     hint = f"; did you mean {', '.join(close)}?" if close else "; see dlmtrain/config.py for the schema"
+    if key.startswith("objective."):
+        leaf = key.split(".", 1)[1]
+        owners = [n for n, cls in OBJECTIVES.items() if leaf in cls.__dataclass_fields__]
+        if owners:
+            hint = f"; it is an option of objective {' / '.join(owners)}, not of {schema.objective.name}"
     return f"unknown config key '{key}' in {where}{hint}"
 
 
@@ -236,10 +297,20 @@ def _group_file(group: str, name: str, where: str) -> Path:
     return path
 
 
-def schema() -> DictConfig:
+def schema(objective: str = "mdlm", where: str = "the config") -> DictConfig:
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective.name='{objective}' (from {where}) is not one of: {', '.join(OBJECTIVES)}")
     cfg = OmegaConf.structured(Config)
+    cfg.objective = OmegaConf.structured(OBJECTIVES[objective])
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _objective_name(node: Any, default: str = "mdlm") -> str:
+    """objective.name in a raw (not yet typed) config node, else ``default``."""
+    obj = node.get("objective") if isinstance(node, (dict, DictConfig)) else None
+    name = obj.get("name") if isinstance(obj, (dict, DictConfig)) else None
+    return str(name) if name is not None else default
 
 
 def _apply_dotted(cfg: DictConfig, dotted: list[str]) -> DictConfig:
@@ -255,7 +326,7 @@ def _apply_dotted(cfg: DictConfig, dotted: list[str]) -> DictConfig:
 def config_from_resolved(resolved: str | dict, overrides: list[str] | None = None, where: str = "checkpoint") -> DictConfig:
     """A config written by dlmtrain (``config.yaml``, a checkpoint's copy) plus dotted overrides."""
     body = OmegaConf.create(resolved)
-    cfg = _apply_dotted(_merge(schema(), body, where), list(overrides or []))
+    cfg = _apply_dotted(_merge(schema(_objective_name(body), where), body, where), list(overrides or []))
     validate(cfg)
     return cfg
 
@@ -263,8 +334,6 @@ def config_from_resolved(resolved: str | dict, overrides: list[str] | None = Non
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``path`` (a YAML file; None for schema defaults) with ``overrides``."""
     overrides = list(overrides or [])
-    cfg = schema()
-
     body = OmegaConf.create({})
     choices: dict[str, str] = {}
     if path is not None:
@@ -287,18 +356,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' must look like key=value (e.g. optim.lr=1e-3 or model=small)")
         key, _, value = ov.partition("=")
+        if key == "objective.name":  # another objective: its group file (if any) replaces the current one
+            choices.pop("objective", None)
+            if (CONFIG_DIR / "objective" / f"{value}.yaml").is_file():
+                choices["objective"] = value
+                continue
         if key in GROUPS:
             choices[key] = value
         else:
             dotted.append(ov)
 
-    for group, name in choices.items():
-        node = _read_yaml(_group_file(group, name, "overrides" if group in {o.split('=')[0] for o in overrides} else str(path)))
+    nodes = {
+        group: _read_yaml(_group_file(group, name, "overrides" if group in {o.split('=')[0] for o in overrides} else str(path)))
+        for group, name in choices.items()
+    }
+    # The objective's schema comes first: the body or an override may name it, else its group file does.
+    objective = _objective_name(body, "mdlm")
+    if "objective" in choices:
+        objective = str(nodes["objective"].get("name", choices["objective"]))
+    for ov in dotted:
+        if ov.startswith("objective.name="):
+            objective = ov.partition("=")[2]
+    cfg = schema(objective, "overrides" if any(o.startswith("objective") for o in overrides) else str(path))
+    for group, node in nodes.items():
+        name = choices[group]
         cfg = _merge(cfg, {group: node}, f"configs/{group}/{name}.yaml")
         if group == "model":
             cfg.model.name = name
-        if group == "objective" and "name" not in node:
-            cfg.objective.name = name
     cfg = _apply_dotted(_merge(cfg, body, str(path)), dotted)
     validate(cfg)
     return cfg
@@ -308,7 +392,6 @@ _CHOICES = {
     "model.mlp": ("swiglu", "gelu"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.attn_backend": ("auto", "sdpa", "flash"),
-    "objective.schedule": ("loglinear", "linear", "cosine"),
     "optim.decay": ("constant", "cosine", "linear"),
     "data.kind": ("shards",),
     "data.on_corrupt": ("fail", "skip"),
@@ -316,6 +399,13 @@ _CHOICES = {
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
     "sampling.confidence": ("max_prob", "margin", "neg_entropy"),
+}
+
+_OBJECTIVE_CHOICES = {
+    "mdlm": {"schedule": ("loglinear", "linear", "cosine")},
+    "sedd": {"graph": ("absorb", "uniform"), "noise": ("loglinear", "geometric")},
+    "d3pm": {"graph": ("absorb", "uniform"), "schedule": ("auto", "jsd", "cosine", "linear")},
+    "udlm": {"schedule": ("loglinear", "linear", "cosine")},
 }
 
 # (key, smallest allowed value): counts and sizes that must be positive (or non-negative)
@@ -353,8 +443,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.hidden_size / model.n_heads must be even (rotary embeddings rotate pairs)")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1)")
-    if not 0 < cfg.objective.eps < 1:
-        raise ConfigError(f"objective.eps={cfg.objective.eps} must lie in (0, 1)")
+    ob = cfg.objective
+    for key, options in _OBJECTIVE_CHOICES.get(ob.name, {}).items():
+        if ob[key] not in options:
+            raise ConfigError(f"objective.{key}={ob[key]!r} is not one of: {', '.join(options)} (objective {ob.name})")
+    if "eps" in ob and not 0 < ob.eps < 1:
+        raise ConfigError(f"objective.eps={ob.eps} must lie in (0, 1)")
+    if "T" in ob and ob.T < 1:
+        raise ConfigError(f"objective.T={ob.T} must be >= 1")
+    if "random_length_fraction" in ob and not 0 <= ob.random_length_fraction <= 1:
+        raise ConfigError(f"objective.random_length_fraction={ob.random_length_fraction} must lie in [0, 1]")
     o = cfg.optim
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")

@@ -72,3 +72,14 @@ def test_cli_reports_bad_key_in_one_line_with_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "optim.lrr" in r.stderr and "optim.lr" in r.stderr
+
+
+def test_objective_sections_are_typed_per_objective():
+    cfg = load_config("configs/demo.yaml", ["objective.name=sedd", "objective.graph=uniform"])
+    assert cfg.objective.name == "sedd" and cfg.objective.graph == "uniform" and "schedule" not in cfg.objective
+    with pytest.raises(ConfigError, match="it is an option of objective sedd / d3pm, not of mdlm"):
+        load_config("configs/demo.yaml", ["objective.graph=uniform"])
+    with pytest.raises(ConfigError, match="objective.name='foo'"):
+        load_config("configs/demo.yaml", ["objective.name=foo"])
+    with pytest.raises(ConfigError, match="objective.graph='ring' is not one of"):
+        load_config("configs/demo.yaml", ["objective.name=sedd", "objective.graph=ring"])
