@@ -249,7 +249,10 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
         if stop.requested:
             raise RunStopped(resume.step if resume else 0, False, stop.requested)
         try:
-            return _run(trainer, module, dm, cfg, ckpts, resume, has_val, result, say)
+            result = _run(trainer, module, dm, cfg, ckpts, resume, has_val, result, say)
+            if samples is not None:
+                result.update(samples.last_stats)
+            return result
         except SystemExit:  # Lightning turns a KeyboardInterrupt (a second Ctrl-C) into exit 1
             raise KeyboardInterrupt from None
     except RunStopped as e:

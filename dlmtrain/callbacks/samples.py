@@ -28,6 +28,7 @@ class SampleQuality(L.Callback):
         # A missing evaluation LM is a one-line error now, not after hours of training.
         self.lm: EvalLM | None = EvalLM(cfg.eval.eval_lm) if cfg.eval.eval_lm else None
         self._done_step = -1
+        self.last_stats: dict = {}  # the latest samples/* figures (train() returns them)
 
     def check(self, module) -> None:
         """The configured sampler exists for this objective (a one-line error otherwise)."""
@@ -87,6 +88,7 @@ class SampleQuality(L.Callback):
         for i, t in enumerate(texts[:show]):
             short = t if len(t) <= 400 else t[:400] + " ..."
             print(f"--- sample {i} ---\n{short}", flush=True)
+        self.last_stats = stats
         for lg in trainer.loggers:
             lg.log_metrics(stats, step=step)
             if type(lg).__name__ == "WandbLogger":
