@@ -73,11 +73,13 @@ def main(argv=None) -> int:
             r = run(obj, "", tmp / f"c-{obj}", a.steps, a.overrides)
             rows.append({"setting": "corpus", "objective": obj, **{k: v for k, v in r.items() if isinstance(v, (int, float))}})
     print(f"Markov source: exact -log p(x) per token = {exact:.4f} nats (log V = {math.log(3):.4f})")
-    print(f"{'setting':<8} {'objective':<14} {'val/nelbo':>10} {'± se':>7} {'bpb':>7} {'± se':>7} {'steps':>6} {'s':>6}")
+    print(f"{'setting':<8} {'objective':<14} {'val/nelbo':>10} {'± se':>7} {'bpb':>7} {'± se':>7} "
+          f"{'entropy':>8} {'dist-4':>7} {'nfe':>5} {'steps':>6} {'s':>6}")
     for r in rows:
         print(f"{r['setting']:<8} {r['objective']:<14} {r.get('val/nelbo', math.nan):>10.4f} "
               f"{r.get('val/nelbo_se', math.nan):>7.4f} {r.get('val/bpb', math.nan):>7.4f} {r.get('val/bpb_se', math.nan):>7.4f} "
-              f"{int(r.get('step', 0)):>6} {r['seconds']:>6.0f}")
+              f"{r.get('samples/entropy', math.nan):>8.3f} {r.get('samples/distinct_4', math.nan):>7.3f} "
+              f"{r.get('samples/nfe', math.nan):>5.0f} {int(r.get('step', 0)):>6} {r['seconds']:>6.0f}")
     if a.out:
         Path(a.out).write_text(json.dumps({"exact_nll_per_token": exact, "rows": rows}, indent=1))
     return 0
