@@ -51,7 +51,12 @@ class MDLM(DiffusionModule):
         else:
             tau, w = time_weights(t, self.schedule, o.eps)
         z = corrupt(x0, 1.0 - self.schedule.alpha(tau), self.mask_id, generator, keep=self._fixed(x0, attention_mask))
-        if segment_ids is None and self.cfg.model.document_mask:
+        # Document boundaries come from the clean sequence: they reveal where every EOS is, so
+        # the backbone may see them only under document masking (where EOS is fixed and unscored).
+        # Otherwise the batch's segment_ids are ignored and the bound is on -log p(x) itself.
+        if not self.cfg.model.document_mask:
+            segment_ids = None
+        elif segment_ids is None:
             segment_ids = segment_ids_from_eos(x0, self.cfg.model.eos_id)
         sigma = self.schedule.sigma(tau) if o.time_conditioning else None
         logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask)

@@ -115,3 +115,25 @@ def test_ema_by_name_roundtrip_and_swap():
     other.ema.load_state_dict(state)
     for n in names:
         assert torch.equal(other.ema.shadow[n], module.ema.shadow[n])
+
+
+def test_batch_segment_ids_are_ignored_without_document_mask():
+    """The loader always sends segment_ids (from the clean text); without model.document_mask the
+    backbone must not see them, or the EOS positions leak and the bound is no bound on -log p(x)."""
+    import dlmtrain
+
+    cfg = dlmtrain.load_config("configs/demo.yaml", ["model.vocab_size=64", "model.eos_id=5"])
+    torch.manual_seed(0)
+    m = dlmtrain.build_module(cfg)
+    with torch.no_grad():
+        m.backbone.head.weight.normal_(0, 0.5)  # a zero head would hide any dependence
+    ids = torch.randint(0, 64, (3, 32))
+    seg = torch.cumsum(torch.rand(3, 32) < 0.2, dim=1)
+    draw = lambda s: m.nelbo(ids, segment_ids=s, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    assert torch.equal(draw(seg), draw(None))
+    cfg.model.document_mask = True
+    md = dlmtrain.build_module(cfg)
+    md.load_state_dict(m.state_dict())
+    a = md.nelbo(ids, segment_ids=seg, generator=torch.Generator().manual_seed(1))
+    b = md.nelbo(ids, segment_ids=None, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)  # under document masking they are used
