@@ -36,15 +36,8 @@ class AR(DiffusionModule):
         if m.document_mask and m.eos_id < 0:
             raise ConfigError("model.document_mask=true needs model.eos_id (the data's EOS id); set it or disable document_mask")
         self.start_id = int(m.vocab_size)
+        self.document_mask, self.eos_id = bool(m.document_mask), int(m.eos_id)
         self.backbone = Backbone(m, vocab_size=self.start_id + 1, out_dim=self.start_id)
-
-    @property
-    def document_mask(self) -> bool:
-        return bool(self.cfg.model.document_mask)
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.cfg.model.eos_id)
 
     def segments(self, x: torch.Tensor, segment_ids=None) -> torch.Tensor | None:
         """Document index per position under document masking (the batch's, else from EOS); else None."""
