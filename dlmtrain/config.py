@@ -52,7 +52,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     dropout: float = 0.0
     document_mask: bool = False  # attention never crosses an EOS document boundary
-    causal: bool = False  # causal attention (autoregressive baseline)
+    causal: bool = False  # causal attention; objective ar always sets it (see _implied)
     attn_backend: str = "auto"  # auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash
     init_std: float = 0.02
 
@@ -199,14 +199,14 @@ class EvalConfig:
     sample_every_n_steps: int = 0  # sample-quality callback cadence in optimizer steps (0: off); also at the end
     num_samples: int = 8  # samples per sample-quality evaluation
     sample_seq_len: int = 0  # 0: the data's seq_len
-    eval_lm: str = ""  # generative perplexity: a local Hugging Face causal-LM directory ("" : not computed)
+    eval_lm: str = ""  # generative perplexity: a local Hugging Face causal-LM directory or a dlmtrain ar .ckpt ("": off)
 
 
 @dataclass
 class SamplingConfig:
     """How samples are drawn (sample-quality callback, `dlmtrain sample`). See dlmtrain/sampling/."""
 
-    sampler: str = "ancestral"  # ancestral | first_hitting | confidence | semi_ar (what an objective supports)
+    sampler: str = "ancestral"  # ancestral | first_hitting | confidence | semi_ar | greedy (what an objective supports)
     steps: int = 128  # network-evaluation budget; its exact meaning per sampler is in dlmtrain/sampling/
     temperature: float = 1.0
     top_k: int = 0  # 0: off
@@ -327,7 +327,7 @@ def config_from_resolved(resolved: str | dict, overrides: list[str] | None = Non
     """A config written by dlmtrain (``config.yaml``, a checkpoint's copy) plus dotted overrides."""
     body = OmegaConf.create(resolved)
     cfg = _apply_dotted(_merge(schema(_objective_name(body), where), body, where), list(overrides or []))
-    validate(cfg)
+    validate(_implied(cfg))
     return cfg
 
 
@@ -384,7 +384,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if group == "model":
             cfg.model.name = name
     cfg = _apply_dotted(_merge(cfg, body, str(path)), dotted)
-    validate(cfg)
+    validate(_implied(cfg))
+    return cfg
+
+
+def _implied(cfg: DictConfig) -> DictConfig:
+    """What an objective decides for the model: ar is causal whatever model.causal said, so the
+    resolved config (beside every checkpoint) says what was built."""
+    if cfg.objective.name == "ar":
+        cfg.model.causal = True
     return cfg
 
 

@@ -31,3 +31,36 @@ def make_corpus(tmp_path_factory):
         return root / "shards" / "manifest.json"
 
     return make
+
+
+class MarkovAR(torch.nn.Module):
+    """An ``ar`` backbone with a stationary Markov chain's true conditionals: logits log pi after
+    the start token (id k), log P[prev] after a token. Reads only each position's own input, so
+    it serves full passes and KV-cache steps alike (the cache is ignored)."""
+
+    def __init__(self, P: torch.Tensor):
+        super().__init__()
+        from dlmtrain.data.synthetic import stationary
+
+        pi = torch.as_tensor(stationary(P.numpy()), dtype=torch.float64)
+        self.logp = torch.cat([P.double().log(), pi.log()[None]])  # [k + 1, k]
+        self.out_dim = P.shape[0]
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **kw):
+        return self.logp[input_ids]
+
+
+@pytest.fixture
+def markov_ar():
+    """``markov_ar(P, *overrides) -> AR module`` whose backbone is :class:`MarkovAR`."""
+
+    def make(P, *extra):
+        from dlmtrain import build_module, load_config
+
+        cfg = load_config(None, ["objective=ar", "model=tiny", f"model.vocab_size={len(P)}", "optim.ema=0", *extra])
+        m = build_module(cfg)
+        m.backbone = MarkovAR(torch.as_tensor(P, dtype=torch.float64))
+        return m.eval()
+
+    return make

@@ -6,6 +6,7 @@ block, then :class:`Backbone`. Pre-norm blocks with rotary positions; with
 through adaLN-Zero (DiT, Peebles & Xie 2023): shift/scale after the norm and a gate
 on the residual branch, all produced by zero-initialised linears so each block starts
 as the identity. Bidirectional by default; ``cfg.causal`` gives the AR baseline.
+Incremental decoding with a key/value cache: kv_cache.py.
 
 The model knows nothing of parallelism: ``Backbone.blocks`` is a ModuleList that
 distributed code wraps (activation checkpointing, FSDP) from outside.
@@ -239,25 +240,23 @@ class Backbone(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     def forward(self, input_ids=None, *, inputs_embeds=None, sigma=None, segment_ids=None,
-                attention_mask=None, attn_mask=None, position_ids=None) -> torch.Tensor:
+                attention_mask=None, attn_mask=None, position_ids=None, cache=None, commit=True) -> torch.Tensor:
         """See the class docstring; the masks combine with AND (see attention.py).
 
         input_ids [B, L] or inputs_embeds [B, L, hidden] (exactly one); sigma [B] (used iff
         use_cond); segment_ids [B, L]; attention_mask [B, L] bool (True = real token);
         attn_mask bool broadcastable to [B, H, L, L] (True = may attend); position_ids
         [B, L] (rotary positions; default 0..L-1).
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, L, _ = x.shape
 
-        c = None
-        if self.use_cond:
-            if sigma is None:
-                raise ValueError("this backbone is time-conditioned (use_cond=True): pass sigma [B]")
-            sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(B)
-            c = F.silu(self.time(sigma))
+        cache: a :class:`~dlmtrain.backbone.kv_cache.KVCache`; the L positions are then the next
+        ones after those it holds (kv_cache.py), attn_mask is over [B, H, L, cached + L] and
+        stands in for segment_ids / attention_mask (not accepted here); ``commit`` keeps them.
+        """
+        if cache is not None:
+            return self._forward_cached(input_ids, inputs_embeds, sigma, attn_mask, cache, commit,
+                                        segment_ids, attention_mask, position_ids)
+        x, c = self._embed(input_ids, inputs_embeds, sigma)
+        B, L, _ = x.shape
 
         if segment_ids is None and self.document_mask:
             if input_ids is None:
@@ -272,11 +271,41 @@ class Backbone(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, plan, c)
+        return self._out(x, c)
+
+    def _embed(self, input_ids, inputs_embeds, sigma):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        c = None
+        if self.use_cond:
+            if sigma is None:
+                raise ValueError("this backbone is time-conditioned (use_cond=True): pass sigma [B]")
+            sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+            c = F.silu(self.time(sigma))
+        return x, c
+
+    def _out(self, x, c):
         x = self.norm(x)
         if self.final_ada is not None:
             shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         return self.head(x)
+
+    def _forward_cached(self, input_ids, inputs_embeds, sigma, attn_mask, cache, commit, *unsupported):
+        if any(a is not None for a in unsupported):
+            raise ValueError("with a cache, segment_ids / attention_mask / position_ids are not accepted: "
+                             "express documents and padding as attn_mask over the cached keys")
+        x, c = self._embed(input_ids, inputs_embeds, sigma)
+        step = cache.step(x.shape[1], self.causal, attn_mask, x.device)
+        cos, sin = self.rotary(cache.max_len, x.device)  # one table per cache size, sliced
+        rope = (cos[step.start:step.end], sin[step.start:step.end])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, step.layer(i), c)
+        if commit:
+            cache.length = step.end
+        return self._out(x, c)
 
 
 def count_params(module: nn.Module, non_embedding: bool = False) -> int:

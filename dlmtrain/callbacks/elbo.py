@@ -11,7 +11,8 @@ everything (dlmtrain/eval/elbo.py: formulas and standard errors), all-reduces on
 (a standard error that is undefined is not logged: *_se_mc needs eval.nelbo_samples >= 2).
 The t-binned picture goes to RUN/eval/nelbo_by_t-step<N>.png and .json (rank 0) and, with
 a WandbLogger, to W&B as a line plot (val/nelbo_by_t) whose table (val/nelbo_by_t_table) has
-columns t_mid, integrand, contribution. A validation cut short by a stop
+columns t_mid, integrand, contribution; not for an objective without diffusion time
+(``has_time = False``, e.g. ar). A validation cut short by a stop
 (``abort_validation``) logs and writes nothing; a complete one sets ``_last_val_step``.
 """
 
@@ -69,7 +70,7 @@ class ELBOEval(L.Callback):
         self.last = result
         pl_module.log_dict({f"val/{k}": float(v) for k, v in scalars(result).items()},
                            sync_dist=False, rank_zero_only=False)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and getattr(pl_module, "has_time", True):  # ar: no time, no picture
             self._write(trainer, result)
 
     # ---- the t-binned picture ----------------------------------------------------------

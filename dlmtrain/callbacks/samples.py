@@ -2,9 +2,9 @@
 the end of training, ``eval.num_samples`` samples drawn per ``sampling.*`` (EMA weights).
 
 Logged (W&B and CSV) under ``samples/``: entropy, distinct_1..4, rep_1..4 (see
-dlmtrain/eval/quality.py), gen_ppl when ``eval.eval_lm`` names a local causal LM (never
-shown without the entropy beside it), nfe and tokens_per_s of the sampler. The decoded
-texts go to a W&B table (step, sampler, steps, nfe, text) and to
+dlmtrain/eval/quality.py), gen_ppl when ``eval.eval_lm`` names a local causal LM or an ar
+checkpoint (never shown without the entropy beside it), nfe and tokens_per_s of the sampler.
+The decoded texts go to a W&B table (step, sampler, steps, nfe, text) and to
 ``RUN/samples/step<N>.jsonl``. Runs on global rank 0 only; the others wait.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 
-from dlmtrain.eval.quality import EvalLM, diversity
+from dlmtrain.eval.quality import diversity, load_eval_lm
 
 
 class SampleQuality(L.Callback):
@@ -26,7 +26,7 @@ class SampleQuality(L.Callback):
         self.tokenizer = tokenizer
         self.seq_len = int(cfg.eval.sample_seq_len or seq_len)
         # A missing evaluation LM is a one-line error now, not after hours of training.
-        self.lm: EvalLM | None = EvalLM(cfg.eval.eval_lm) if cfg.eval.eval_lm else None
+        self.lm = load_eval_lm(cfg.eval.eval_lm) if cfg.eval.eval_lm else None
         self._done_step = -1
         self.last_stats: dict = {}  # the latest samples/* figures (train() returns them)
 
@@ -45,8 +45,7 @@ class SampleQuality(L.Callback):
     def setup(self, trainer, pl_module, stage):
         self.check(pl_module)
         if self.lm is not None:
-            self.lm.model.to(pl_module.device)
-            self.lm.device = pl_module.device
+            self.lm.to(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -110,8 +110,8 @@ def add_sample_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", help="sampling.* settings, e.g. sampling.temperature=0.9 sampling.top_p=0.95")
     p.add_argument("--num", type=int, default=4, metavar="N", help="samples (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, metavar="K", help="sampler steps (default: sampling.steps)")
-    p.add_argument("--sampler", default=None, help="ancestral | first_hitting | confidence | semi_ar "
-                   "(default: sampling.sampler)")
+    p.add_argument("--sampler", default=None, help="ancestral | first_hitting | confidence | semi_ar; ar: "
+                   "ancestral | greedy (default: sampling.sampler)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="every sample starts with this text")
     p.add_argument("--seq-len", type=int, default=0, metavar="L", help="tokens per sample, prompt included "
                    "(default: the training seq_len)")

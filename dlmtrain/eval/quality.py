@@ -12,8 +12,9 @@ Definitions (ids are the sampler's token ids, before any retokenization):
 - ``rep_n``: per sample, 1 - unique n-grams / n-grams (the share of repeated n-grams,
   Welleck et al., 2019), averaged over samples.
 - ``gen_ppl``: exp(total NLL / total scored tokens) of the decoded texts under an
-  evaluation LM that retokenizes them with its own tokenizer; each text is preceded by the
-  LM's BOS (or EOS) token so its first token is scored too (see EvalLM).
+  evaluation LM that retokenizes them with its own tokenizer, every token scored: a Hugging
+  Face causal LM (EvalLM: each text is preceded by the LM's BOS, or EOS, token) or a
+  dlmtrain ``ar`` checkpoint (CheckpointLM: its start token). :func:`load_eval_lm` picks.
 """
 
 from __future__ import annotations
@@ -47,7 +48,79 @@ def diversity(samples: list[list[int]], max_n: int = 4) -> dict[str, float]:
     return out
 
 
-class EvalLM:
+def load_eval_lm(path: str, device="cpu", max_length: int | None = None):
+    """``eval.eval_lm``: a file (a dlmtrain ``ar`` .ckpt) -> CheckpointLM, else a Hugging Face directory -> EvalLM."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_file() or p.suffix == ".ckpt":
+        return CheckpointLM(str(p), device, max_length)
+    return EvalLM(path, device, max_length)
+
+
+class _TextScorer:
+    """``nll(texts)`` -> per text (sum of NLL in nats, number of scored tokens); the rest derives."""
+
+    model: torch.nn.Module
+    device: torch.device
+
+    def nll(self, texts: list[str], batch_size: int = 8) -> list[tuple[float, int]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def perplexity(self, texts: list[str]) -> float:
+        scored = self.nll(texts)
+        tokens = sum(n for _, n in scored)
+        return math.exp(sum(s for s, _ in scored) / tokens) if tokens else float("nan")
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+
+class CheckpointLM(_TextScorer):
+    """A dlmtrain ``ar`` checkpoint as the evaluation LM (EMA weights, eval mode).
+
+    Texts are retokenized with the tokenizer of the data it was trained on (its config's
+    data.manifest) and scored exactly: -log p(ids) with the first token predicted from the
+    start token (dlmtrain/diffusion/autoregressive.py), so every token counts. Texts longer
+    than ``max_length`` tokens (default: the training seq_len) are cut to it.
+    """
+
+    def __init__(self, path: str, device="cpu", max_length: int | None = None):
+        from dlmtrain.checkpoint import load_checkpoint
+        from dlmtrain.errors import ConfigError
+        from dlmtrain.eval.commands import _datamodule
+
+        try:
+            module = load_checkpoint(path, map_location=device)
+        except ConfigError as e:
+            raise ConfigError(f"eval.eval_lm={path}: {e}") from None
+        if module.cfg.objective.name != "ar":
+            raise ConfigError(f"eval.eval_lm={path} is a {module.cfg.objective.name} checkpoint; generative perplexity "
+                              "needs an autoregressive one (objective ar) or a Hugging Face causal-LM directory")
+        dm = _datamodule(module, None, [], 1)
+        self.model, self.tokenizer, self.device = module, dm.tokenizer, torch.device(device)
+        self.max_length = int(max_length or dm.seq_len)
+
+    @torch.no_grad()
+    def nll(self, texts: list[str], batch_size: int = 8) -> list[tuple[float, int]]:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = [self.tokenizer.encode(t)[: self.max_length] for t in texts[i:i + batch_size]]
+            L = max(1, max(len(x) for x in ids))
+            inp = torch.zeros(len(ids), L, dtype=torch.long)
+            att = torch.zeros(len(ids), L, dtype=torch.bool)
+            for j, x in enumerate(ids):
+                inp[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+                att[j, :len(x)] = True
+            inp, att = inp.to(self.device), att.to(self.device)
+            nats = self.model.nelbo(inp, att)
+            out.extend((float(nats[j]), len(x)) for j, x in enumerate(ids))
+        return out
+
+
+class EvalLM(_TextScorer):
     """A causal LM that scores text: a local Hugging Face directory (``transformers``, offline).
 
     Loaded once, in eval mode, on ``device``. ``nll(texts)`` returns per text (sum of NLL
@@ -62,7 +135,8 @@ class EvalLM:
         p = Path(path).expanduser()
         if not (p.is_dir() and (p / "config.json").is_file()):
             raise ConfigError(f"eval.eval_lm={path}: not a Hugging Face model directory (no config.json); give the "
-                              "path of a causal LM saved with save_pretrained, or eval.eval_lm='' to skip")
+                              "path of a causal LM saved with save_pretrained, a dlmtrain ar .ckpt, or "
+                              "eval.eval_lm='' to skip")
         try:
             import os
 
@@ -102,8 +176,3 @@ class EvalLM:
             for j in range(len(chunk)):
                 out.append((float(tok_nll[j].sum()), int(att[j, 1:].sum())))
         return out
-
-    def perplexity(self, texts: list[str]) -> float:
-        scored = self.nll(texts)
-        tokens = sum(n for _, n in scored)
-        return math.exp(sum(s for s, _ in scored) / tokens) if tokens else float("nan")

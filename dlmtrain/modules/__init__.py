@@ -4,9 +4,10 @@ from dlmtrain.errors import ConfigError
 
 
 def _objectives():
+    from dlmtrain.modules.ar import AR
     from dlmtrain.modules.mdlm import MDLM
 
-    return {"mdlm": MDLM}
+    return {"mdlm": MDLM, "ar": AR}
 
 
 def build_module(cfg):
