@@ -79,3 +79,23 @@ def test_resume_with_random_length_truncation_equals_uninterrupted(make_corpus, 
     assert c["step"] == 12
     w = torch.load(tmp_path / "c/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert any(not torch.allclose(v, w[k], atol=1e-6, rtol=0) for k, v in a["state_dict"].items())
+
+
+def test_objective_without_prompt_support_refuses_pair_data(pairs_manifest):
+    from dlmtrain.data import build_datamodule
+    from dlmtrain.errors import ConfigError
+    from dlmtrain.modules.mdlm import MDLM
+
+    class NoPrompts(MDLM):
+        prompt_conditioning = False
+
+    path, _ = pairs_manifest
+    cfg = load_config(None, ["model=tiny", "model.vocab_size=260", f"data.manifest={path}", "data.num_workers=0"])
+    module, dm = NoPrompts(cfg), build_datamodule(cfg, 4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="prompt-conditioned"):
+        trainer.fit(module, datamodule=dm)
+    batch = next(iter(dm.val_dataloader()))
+    with pytest.raises(ConfigError, match="objective mdlm does not support"):
+        module.elbo_batch(batch, torch.Generator().manual_seed(0), 1)

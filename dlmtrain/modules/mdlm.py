@@ -9,6 +9,7 @@ LLaDA's options (Nie et al., 2025):
 - ``objective.random_length_fraction``: in training only, that share of the rows is cut to a
   length drawn uniformly from {1..L}; the rest of the row is padding (see
   ``random_length_mask``). Drawn from the step generator, so a resumed run cuts the same rows.
+  It applies to prompt-conditioned rows too: a row cut inside its prompt scores nothing.
 - Prompt-conditioned data (SFT) is automatic: a batch with ``prompt_mask`` (True on prompt
   tokens; data_prep --prompt-field) never masks or scores the prompt, the training loss is
   the mean over answer tokens (all answer tokens of the batch together, not LLaDA's
