@@ -15,6 +15,9 @@ examples:
       --train-tokenizer --vocab-size 8192 --seq-len 1024 --out data/stdlib
   # JSONL (field "text"), an existing tokenizer, a separate validation file
   python -m data_prep train.jsonl.gz --val-input val.jsonl.gz --tokenizer gpt2/tokenizer.json --out data/web
+  # prompt/answer pairs for supervised fine-tuning (SFT): JSONL {"prompt": ..., "response": ...}
+  python -m data_prep sft.jsonl --prompt-field prompt --field response --tokenizer gpt2/tokenizer.json \
+      --seq-len 1024 --out data/sft
   # Parquet column "content", byte-level tokens, paragraphs of text files as documents
   python -m data_prep corpus.parquet --column content --tokenizer bytes --out data/bytes
 
@@ -52,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input kind; auto decides by file name: .jsonl/.ndjson, .parquet/.pq, else text (default: %(default)s)")
     g.add_argument("--field", default="text", metavar="NAME",
                    help="JSONL: the field holding the document, dotted for nesting (default: %(default)s)")
+    g.add_argument("--prompt-field", default="", metavar="NAME",
+                   help="JSONL prompt/answer pairs (SFT): the field holding the prompt; --field then holds the "
+                        "answer. Each pair is written as prompt tokens, answer tokens, EOS; whole pairs are packed "
+                        "into --seq-len sequences (never split; the rest of a sequence is padding) and pairs longer "
+                        "than --seq-len are skipped and counted. The shards record where each prompt and answer lie "
+                        "(pairs.npy) and the manifest says prompt_conditioned: training then never masks or scores "
+                        "the prompt, and val/nelbo is per answer token (default: off, plain documents)")
     g.add_argument("--column", default="text", metavar="NAME",
                    help="Parquet / Hugging Face dataset: the column holding the document (default: %(default)s)")
     g.add_argument("--hf-split", default="", metavar="NAME",
@@ -117,7 +127,7 @@ def options_from_args(a: argparse.Namespace):
     names = {n: getattr(a, f"{n}_token") for n in ("eos", "bos", "pad", "mask") if getattr(a, f"{n}_token")}
     return PrepOptions(
         inputs=a.inputs, out=a.out, val_inputs=a.val_input, val_fraction=a.val_fraction, glob=a.glob,
-        exclude=a.exclude, format=a.format, field=a.field, column=a.column, hf_split=a.hf_split,
+        exclude=a.exclude, format=a.format, field=a.field, prompt_field=a.prompt_field, column=a.column, hf_split=a.hf_split,
         split_on=a.split_on, on_error=a.on_error, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer,
         vocab_size=a.vocab_size, tokenizer_train_bytes=parse_size(a.tokenizer_train_bytes), special_names=names,
         seq_len=a.seq_len, dtype=a.dtype, shard_size=parse_size(a.shard_size), workers=a.workers,

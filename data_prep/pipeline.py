@@ -9,6 +9,14 @@ Nothing is lost or invented, and the manifest proves it per split::
 
     tokens_written + tokens_dropped_tail == document_tokens + eos_tokens
 
+Prompt/answer pairs (``--prompt-field``, JSONL): each pair is tokenized as prompt and answer
+separately and written as prompt tokens, answer tokens, EOS. Pairs are packed whole (never
+split between sequences, data_prep/pack.py), the rest of a sequence is padding, and each
+sample records its pairs (``pairs.npy``, dlmtrain/data/format.py); pairs longer than
+``seq_len`` are skipped and counted. The manifest says ``"prompt_conditioned": true``, and
+the accounting gains the padding: ``tokens_written == document_tokens + eos_tokens +
+pad_tokens`` (nothing is dropped: the last sequence is padded).
+
 Resume: after each shard is committed (temp name, fsync, rename) the run records its
 position in ``.prep-state.json`` (document index, tokens of that document consumed,
 counters). Re-running the same command after an interruption continues from the last
@@ -43,9 +51,9 @@ import numpy as np
 
 from data_prep import outdir
 from data_prep.inputs import binary_reason, changes, identity, scan_inputs
-from data_prep.pack import Packer
+from data_prep.pack import Packer, PairPacker
 from data_prep.sources import ReadOptions, ReadStats, Source, discover, iter_documents, source_size
-from dlmtrain.data.format import FORMAT, FORMAT_VERSION, ShardWriter, write_json_atomic
+from dlmtrain.data.format import FORMAT, FORMAT_VERSION, PAIRS_VERSION, ShardWriter, write_json_atomic
 from dlmtrain.data.tokenizer import ByteTokenizer, Tokenizer, file_sha256, hf_from_str, load_hf
 from dlmtrain.errors import DataError, UserError
 
@@ -69,6 +77,7 @@ class PrepOptions:
     exclude: list[str] = _field(default_factory=list)
     format: str = "auto"
     field: str = "text"
+    prompt_field: str = ""  # JSONL prompt/answer pairs: the prompt's field (--field holds the answer)
     column: str = "text"
     hf_split: str = ""
     split_on: str = "none"
@@ -118,6 +127,8 @@ def _doc_hash(b: bytes) -> tuple[float, float]:
 def _validate(o: PrepOptions) -> None:
     if o.seq_len < 2:
         raise DataError(f"--seq-len {o.seq_len}: a sequence needs at least 2 tokens")
+    if o.prompt_field and o.prompt_field == o.field:
+        raise DataError(f"--prompt-field and --field are both {o.field!r}; name the prompt's and the answer's fields")
     if o.val_fraction is not None and not 0 <= o.val_fraction < 1:
         raise DataError(f"--val-fraction {o.val_fraction} must lie in [0, 1)")
     if o.val_inputs and o.val_fraction:
@@ -144,7 +155,22 @@ def _validate(o: PrepOptions) -> None:
 
 
 def _read_options(o: PrepOptions) -> ReadOptions:
-    return ReadOptions(field=o.field, column=o.column, split_on=o.split_on, on_error=o.on_error, hf_split=o.hf_split)
+    return ReadOptions(field=o.field, column=o.column, split_on=o.split_on, on_error=o.on_error, hf_split=o.hf_split,
+                       prompt_field=o.prompt_field)
+
+
+def _read_settings(o: PrepOptions) -> dict:
+    """The reading settings as recorded (and fingerprinted): without prompt_field when unused,
+    so datasets made before pairs existed stay up to date."""
+    read = asdict(_read_options(o))
+    if not read["prompt_field"]:
+        del read["prompt_field"]
+    return read
+
+
+def _doc_bytes(doc) -> bytes:
+    """A document's bytes for hashing (split, tokenizer sample): a pair as prompt NUL answer."""
+    return doc.encode("utf-8") if isinstance(doc, str) else b"\0".join(d.encode("utf-8") for d in doc)
 
 
 def _clean(out: Path, everything: bool) -> None:
@@ -224,15 +250,15 @@ def _train_bpe(sources: list[Source], o: PrepOptions, val_fraction: float, prog:
                 f"read, {(o.tokenizer_train_bytes - budget[0]) / 1e6:,.1f} MB of text sampled")
 
     def texts() -> Iterator[str]:
-        for text, _ in iter_documents(sources, _read_options(o), stats):
+        for doc, _ in iter_documents(sources, _read_options(o), stats):
             prog.line(line)
-            if not text:
+            if not doc:
                 continue
-            b = text.encode("utf-8")
+            b = _doc_bytes(doc)
             split_u, sample_u = _doc_hash(b)
             if split_u < val_fraction or sample_u >= rate:
                 continue
-            yield text
+            yield from ([doc] if isinstance(doc, str) else doc)
             budget[0] -= len(b)
             if budget[0] <= 0:
                 return
@@ -322,6 +348,7 @@ def _after_commit(split: str, shard: dict) -> None:
 
 
 _COUNTERS = ("documents", "document_tokens", "eos_tokens", "empty_documents_skipped", "replaced_bytes")
+_PAIR_COUNTERS = ("prompt_tokens", "pad_tokens", "pairs_too_long_skipped")  # documents are pairs
 
 
 @dataclass
@@ -343,8 +370,10 @@ def _write_journal(ctx: _Ctx) -> None:
 
 def _run_split(ctx: _Ctx, split: str, sources: list[Source], select: Callable[[bytes], bool] | None) -> dict:
     o = ctx.opts
+    pairs = bool(o.prompt_field)
+    names = _COUNTERS + (_PAIR_COUNTERS if pairs else ())
     cur = ctx.journal.get("current") if (ctx.journal.get("current") or {}).get("split") == split else None
-    cur = cur or {"split": split, "next_doc": 0, "skip_tokens": 0, "counters": {k: 0 for k in _COUNTERS},
+    cur = cur or {"split": split, "next_doc": 0, "skip_tokens": 0, "counters": {k: 0 for k in names},
                   "shards": [], "sample_index": 0}
     ctx.journal["current"] = cur
     for p in ctx.out.glob(f"{split}-*.tar"):  # shards past the journal's are stale
@@ -355,46 +384,88 @@ def _run_split(ctx: _Ctx, split: str, sources: list[Source], select: Callable[[b
     shards = list(cur["shards"])
     writer = ShardWriter(ctx.out, split, seq_len=o.seq_len, dtype=ctx.dtype, target_bytes=o.shard_size,
                          shard_index=len(shards), sample_index=cur["sample_index"])
-    packer = Packer(o.seq_len, ctx.tok.eos_id)
+    tok = ctx.tok
+    if pairs:
+        packer = PairPacker(o.seq_len, tok.eos_id, tok.pad_id if tok.pad_id is not None else tok.eos_id)
+    else:
+        packer = Packer(o.seq_len, tok.eos_id)
     stats = ReadStats()
 
     def docs() -> Iterator[tuple[int, str, int]]:
-        for i, (text, rep) in enumerate(iter_documents(sources, _read_options(o), stats)):
+        for i, (doc, rep) in enumerate(iter_documents(sources, _read_options(o), stats)):
             if i < start_doc:
                 continue
-            if select is not None and not select(text.encode("utf-8")):
+            if select is not None and not select(_doc_bytes(doc)):
                 continue
-            yield i, text, rep
+            if pairs:  # tokenized separately, in order: prompt, then answer
+                yield i, doc[0], rep
+                yield i, doc[1], 0
+            else:
+                yield i, doc, rep
+
+    def tokenized():
+        it = _tokenized(docs(), tok, ctx.workers)
+        if not pairs:
+            yield from it
+            return
+        for (i, prompt, rep), (_, answer, _) in zip(it, it):
+            yield i, (prompt, answer), rep
 
     n_files = len(sources)
 
     def line() -> str:
         rate = ctx.t_tokens[0] / max(time.time() - ctx.t_start, 1e-9)
         return (f"{split}: {stats.files_done}/{n_files} files, {stats.bytes_read() / 1e6:,.1f} MB read, "
-                f"{counters['documents']:,} documents, {ctx.t_tokens[0]:,} tokens, {rate:,.0f} tokens/s, "
-                f"{len(shards)} shards")
+                f"{counters['documents']:,} {'pairs' if pairs else 'documents'}, {ctx.t_tokens[0]:,} tokens, "
+                f"{rate:,.0f} tokens/s, {len(shards)} shards")
+
+    def write(seq, before: dict | None) -> dict | None:
+        """One sequence to the writer; after a committed shard, the journal (``before``: the
+        counters at the resume position, None at the end)."""
+        ids, starts, prs, pad, position = seq
+        if pairs:  # padding belongs to written sequences: counted at the resume position too
+            counters["pad_tokens"] += pad
+            if before is not None:
+                before["pad_tokens"] += pad
+        rec = writer.add(ids, starts, prs)
+        if rec is not None:
+            shards.append(rec)
+            if before is not None:
+                cur.update(next_doc=position[0], skip_tokens=position[1], counters=before, shards=list(shards),
+                           sample_index=writer.sample_index)
+                _write_journal(ctx)
+            ctx.prog.line(lambda: f"wrote {rec['name']} ({rec['bytes'] / 1e6:,.1f} MB); {line()}", gap=1.0)
+            if before is not None:
+                _after_commit(split, rec)
+        return rec
 
     try:
-        for i, toks, rep in _tokenized(docs(), ctx.tok, ctx.workers):
+        for i, toks, rep in tokenized():
             before = dict(counters)
             ctx.prog.doc(line, ctx.t_tokens[0])
-            if len(toks) == 0:
+            n = len(toks[0]) + len(toks[1]) if pairs else len(toks)
+            if n == 0:
                 counters["empty_documents_skipped"] += 1
                 continue
+            if pairs and not packer.fits(*toks):
+                counters["pairs_too_long_skipped"] += 1
+                continue
             counters["documents"] += 1
-            counters["document_tokens"] += len(toks)
+            counters["document_tokens"] += n
             counters["eos_tokens"] += 1
             counters["replaced_bytes"] += rep
-            ctx.t_tokens[0] += len(toks)
-            for ids, starts, (di, consumed) in packer.add(i, toks, skip_tokens if i == start_doc else 0):
-                rec = writer.add(ids, starts)
-                if rec is not None:
-                    shards.append(rec)
-                    cur.update(next_doc=di, skip_tokens=consumed, counters=before, shards=list(shards),
-                               sample_index=writer.sample_index)
-                    _write_journal(ctx)
-                    ctx.prog.line(lambda: f"wrote {rec['name']} ({rec['bytes'] / 1e6:,.1f} MB); {line()}", gap=1.0)
-                    _after_commit(split, rec)
+            ctx.t_tokens[0] += n
+            skip = skip_tokens if i == start_doc else 0
+            if pairs:
+                counters["prompt_tokens"] += len(toks[0])
+                seqs = packer.add(i, *toks) if not skip else ()  # skip: this pair is already written
+            else:
+                seqs = ((ids, starts, None, 0, pos) for ids, starts, pos in packer.add(i, toks, skip))
+            for seq in seqs:
+                write(seq, before)
+        last = packer.finish() if pairs else None
+        if last is not None:  # pairs: the last sequence, padded; nothing is dropped
+            write(last, None)
         rec = writer.finish()
     except BaseException:
         writer.abort()
@@ -410,7 +481,8 @@ def _run_split(ctx: _Ctx, split: str, sources: list[Source], select: Callable[[b
         "bad_records_skipped": stats.bad_records,
         "bad_records_first": stats.examples[0] if stats.examples else None,
     }
-    if result["tokens_written"] + result["tokens_dropped_tail"] != result["document_tokens"] + result["eos_tokens"]:
+    if (result["tokens_written"] + result["tokens_dropped_tail"]
+            != result["document_tokens"] + result["eos_tokens"] + result.get("pad_tokens", 0)):
         raise RuntimeError(f"token accounting failed for split {split}: {result}")  # a bug, not a user error
     ctx.journal.setdefault("done", {})[split] = result
     ctx.journal["current"] = None
@@ -521,7 +593,7 @@ def _prepare(o: PrepOptions, out: Path, train_sources: list[Source], val_sources
         "inputs": [str(Path(i).expanduser().resolve()) for i in o.inputs],
         "val_inputs": [str(Path(i).expanduser().resolve()) for i in o.val_inputs],
         "glob": o.glob, "exclude": list(o.exclude), "format": o.format,
-        "val_fraction": val_fraction, "read": asdict(_read_options(o)), "seq_len": o.seq_len, "dtype": o.dtype,
+        "val_fraction": val_fraction, "read": _read_settings(o), "seq_len": o.seq_len, "dtype": o.dtype,
         "shard_size": o.shard_size, "max_undecodable": o.max_undecodable, "tokenizer_source": _tokenizer_spec(o),
     }
     fp = _fingerprint(settings, records)
@@ -634,16 +706,20 @@ def _build(o: PrepOptions, out: Path, train_sources: list[Source], val_sources: 
         results[split] = _run_split(ctx, split, sources, select)
     elapsed = time.time() - ctx.t_start
 
-    splits = {s: results.get(s, _empty_split()) for s in ("train", "val")}
+    pairs = bool(o.prompt_field)
+    splits = {s: results.get(s, _empty_split(pairs)) for s in ("train", "val")}
     if splits["train"]["samples"] == 0:
         (out / JOURNAL).unlink(missing_ok=True)
+        if pairs:
+            raise DataError(f"no training pair could be written ({splits['train']['pairs_too_long_skipped']} were longer "
+                            f"than --seq-len {o.seq_len} with their EOS); give more input or a larger --seq-len")
         raise DataError(
             f"no training sequence could be made: {splits['train']['document_tokens'] + splits['train']['eos_tokens']} "
             f"training tokens are fewer than --seq-len {o.seq_len}; give more input or a smaller --seq-len"
         )
     totals = {k: splits["train"][k] + splits["val"][k] for k in (
         "documents", "document_tokens", "eos_tokens", "tokens_written", "tokens_dropped_tail", "samples",
-        "empty_documents_skipped", "replaced_bytes")}
+        "empty_documents_skipped", "replaced_bytes") + (_PAIR_COUNTERS if pairs else ())}
     totals["shards"] = len(splits["train"]["shards"]) + len(splits["val"]["shards"])
     # with --val-fraction both passes read the same records: count them once
     totals["bad_records_skipped"] = splits["train"]["bad_records_skipped"] + (
@@ -651,7 +727,7 @@ def _build(o: PrepOptions, out: Path, train_sources: list[Source], val_sources: 
     totals["binary_files_skipped"] = len(binary)
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": PAIRS_VERSION if pairs else FORMAT_VERSION,
         "created_by": "data_prep (dlmtrain)",
         "seq_len": o.seq_len,
         "dtype": dtype,
@@ -665,11 +741,16 @@ def _build(o: PrepOptions, out: Path, train_sources: list[Source], val_sources: 
             "key": "%09d: the sample's index within its split",
             "input_ids.npy": f"1-D {dtype} array of seq_len token ids; documents packed back to back, each ending in EOS",
             "doc_starts.npy": "1-D int32 positions (0 < p < seq_len) where a document begins; present only if any",
+            **({"pairs.npy": "1-D int32 (start, answer_start, end) per prompt/answer pair: prompt at [start, "
+                             "answer_start), answer + EOS at [answer_start, end); other positions are padding"}
+               if pairs else {}),
         },
+        **({"prompt_conditioned": True} if pairs else {}),
         "splits": splits,
         "totals": totals,
         "binary_files_skipped": binary[:5],  # the first few; inputs.json marks every one
-        "accounting": "per split: tokens_written + tokens_dropped_tail == document_tokens + eos_tokens",
+        "accounting": "per split: tokens_written + tokens_dropped_tail == document_tokens + eos_tokens"
+                      + (" + pad_tokens" if pairs else ""),
         "settings": settings,
         "fingerprint": fp,
     }
@@ -693,6 +774,13 @@ def _summary(o: PrepOptions, m: dict, manifest_path: Path, has_val: bool, binary
           f"{totals['empty_documents_skipped']:,}, replaced undecodable bytes {totals['replaced_bytes']:,}, "
           f"bad records skipped {totals['bad_records_skipped']:,}, binary files skipped {len(binary):,}; "
           f"wrote {manifest_path}", flush=True)
+    if m.get("prompt_conditioned"):
+        print(f"data_prep: prompt/answer pairs: {totals['prompt_tokens']:,} prompt tokens, "
+              f"{totals['document_tokens'] - totals['prompt_tokens']:,} answer tokens, {totals['pad_tokens']:,} "
+              f"padding tokens", flush=True)
+        if totals["pairs_too_long_skipped"]:
+            print(f"data_prep: skipped {totals['pairs_too_long_skipped']:,} pair(s) longer than --seq-len "
+                  f"{m['seq_len']} (with EOS); raise --seq-len to keep them", file=sys.stderr, flush=True)
     if binary:
         print(f"data_prep: skipped {len(binary)} binary file(s) (first: {binary[0]}); {INPUTS} lists them",
               file=sys.stderr, flush=True)
@@ -706,6 +794,7 @@ def _summary(o: PrepOptions, m: dict, manifest_path: Path, has_val: bool, binary
               file=sys.stderr, flush=True)
 
 
-def _empty_split() -> dict:
+def _empty_split(pairs: bool = False) -> dict:
     return {"shards": [], "samples": 0, "tokens_written": 0, "tokens_dropped_tail": 0,
-            **{k: 0 for k in _COUNTERS}, "bad_records_skipped": 0, "bad_records_first": None}
+            **{k: 0 for k in _COUNTERS + (_PAIR_COUNTERS if pairs else ())}, "bad_records_skipped": 0,
+            "bad_records_first": None}

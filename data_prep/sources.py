@@ -6,7 +6,9 @@ Kinds, chosen by file name (``--format`` forces one):
   line, without its line ending) or ``--split-on blank`` (paragraphs separated by one
   or more blank lines; a paragraph keeps its inner line breaks, not its last one).
 * JSONL (``.jsonl``, ``.ndjson``): one document per line, the string at ``--field``
-  (dotted for nesting: ``meta.body``). Blank lines are ignored.
+  (dotted for nesting: ``meta.body``). Blank lines are ignored. With ``--prompt-field``
+  each line is a prompt/answer pair instead: ``(prompt, answer)`` from the two fields
+  (JSONL only).
 * Parquet (``.parquet``, ``.pq``): one document per row of ``--column`` (nulls are empty
   documents).
 * a Hugging Face dataset directory written by ``save_to_disk`` (``--column``; read with
@@ -99,6 +101,7 @@ class ReadOptions:
     split_on: str = "none"
     on_error: str = "fail"  # fail | skip (bad JSONL records)
     hf_split: str = ""
+    prompt_field: str = ""  # JSONL prompt/answer pairs: documents are (prompt, answer) tuples
 
 
 @dataclass
@@ -253,7 +256,10 @@ def _get_field(rec, dotted: str):
     return cur
 
 
-def _jsonl_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tuple[str, int]]:
+def _jsonl_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tuple]:
+    """``(text, replaced)`` per record; with ``opts.prompt_field``: ``((prompt, answer), replaced)``."""
+    names = [(opts.prompt_field, "--prompt-field")] if opts.prompt_field else []
+    names.append((opts.field, "--field"))
     with _read_guard(src), _open(src, stats) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -265,13 +271,18 @@ def _jsonl_docs(src: Source, opts: ReadOptions, stats: ReadStats) -> Iterator[tu
                 # json's own messages may end in "at" ("Unterminated string starting at"): say it once
                 _bad(stats, opts, f"{src.path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
-            value = _get_field(rec, opts.field)
-            if not isinstance(value, str):
-                what = "no field" if value is None else f"a {type(value).__name__}, not a string, in field"
-                _bad(stats, opts, f"{src.path}:{lineno}: record has {what} {opts.field!r} (choose it with --field)")
-                continue
-            value, rep2 = clean(value)
-            yield value, rep + rep2
+            values = []
+            for name, flag in names:
+                value = _get_field(rec, name)
+                if not isinstance(value, str):
+                    what = "no field" if value is None else f"a {type(value).__name__}, not a string, in field"
+                    _bad(stats, opts, f"{src.path}:{lineno}: record has {what} {name!r} (choose it with {flag})")
+                    break
+                value, rep2 = clean(value)
+                values.append(value)
+                rep += rep2
+            else:
+                yield (tuple(values) if opts.prompt_field else values[0]), rep
 
 
 def _arrow_strings(column, where: str) -> Iterator[tuple[str, int]]:
@@ -355,11 +366,15 @@ def _hf_docs(src: Source, opts: ReadOptions) -> Iterator[tuple[str, int]]:
             yield from _arrow_strings(batch.column(names.index(opts.column)), f"{fpath} column {opts.column!r}")
 
 
-def iter_documents(sources: list[Source], opts: ReadOptions, stats: ReadStats) -> Iterator[tuple[str, int]]:
-    """Every document of every source, in order: ``(text, replaced_bytes)``."""
+def iter_documents(sources: list[Source], opts: ReadOptions, stats: ReadStats) -> Iterator[tuple]:
+    """Every document of every source, in order: ``(text, replaced_bytes)``; with ``opts.prompt_field``
+    ``((prompt, answer), replaced_bytes)``."""
     if opts.split_on not in SPLIT_ON:
         raise DataError(f"--split-on {opts.split_on!r} is not one of: {', '.join(SPLIT_ON)}")
     for src in sources:
+        if opts.prompt_field and src.kind != "jsonl":
+            raise DataError(f"--prompt-field reads prompt/answer pairs from JSONL only, but {src.path} is read as "
+                            f"{src.kind}; give .jsonl files (or --format jsonl)")
         if src.kind == "text":
             yield from _text_docs(src, opts, stats)
         elif src.kind == "jsonl":

@@ -133,7 +133,8 @@ class _TrackedIter:
 
 class TrackedLoader(DataLoader):
     """A DataLoader over TrainStream/ValStream: unpacks the workers' batches into
-    ``input_ids``/``segment_ids`` (+ ``attention_mask`` for val), hands each train batch's
+    ``input_ids``/``segment_ids`` (+ ``attention_mask`` for val and for prompt-conditioned data,
+    + ``prompt_mask`` for the latter), hands each train batch's
     position to ``on_fetch``, and turns worker DataErrors back into one line. With an
     ``owner`` DataModule, a data error after the first train batch is recorded in
     ``owner.data_fault`` and ends the stream (see ``_TrackedIter``)."""
@@ -171,6 +172,8 @@ class ShardDataModule(L.LightningDataModule):
         self.bos_id: int | None = manifest.get("bos_id")
         self.pad_id: int | None = manifest.get("pad_id")
         self.mask_id: int | None = manifest.get("mask_id")
+        # prompt/answer pairs: batches carry prompt_mask and attention_mask (dlmtrain/data/format.py)
+        self.prompt_conditioned: bool = bool(manifest.get("prompt_conditioned", False))
         self.micro_batch_size = micro_batch_size
         self.num_workers = max(0, int(num_workers))
         self.shuffle_buffer = shuffle_buffer
@@ -186,7 +189,7 @@ class ShardDataModule(L.LightningDataModule):
         self.spec = StreamSpec(
             seq_len=self.seq_len, dtype=manifest["dtype"], vocab_size=self.vocab_size,
             pad_id=self.pad_id if self.pad_id is not None else self.eos_id, on_corrupt=on_corrupt,
-            verify=bool(verify_checksums),
+            verify=bool(verify_checksums), prompts=self.prompt_conditioned,
         )
         names = [(s["name"], s.get("sha256", "")) for s in manifest["splits"]["train"]["shards"]]
         self.data_fingerprint = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]

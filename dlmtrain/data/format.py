@@ -20,6 +20,19 @@ split) as:
     document from the previous sequence). Documents are packed back to back, each
     ending in EOS, so ``doc_starts`` is exactly the set of positions right after an EOS;
     the member makes the boundaries explicit for readers that don't know the EOS id.
+``KEY.pairs.npy`` (only in prompt-conditioned datasets: data_prep ``--prompt-field``)
+    1-D ``int32`` array of ``3 k`` entries, ``(start, answer_start, end)`` for each of the
+    ``k`` prompt/answer pairs in the sequence, ascending, not overlapping, with
+    ``0 <= start <= answer_start < end <= seq_len``. Pair ``j`` holds its prompt tokens at
+    ``[start, answer_start)`` and its answer tokens then EOS at ``[answer_start, end)``;
+    pairs are never cut between sequences. Every position outside all pairs is padding
+    (the pad id, else EOS), which is never attended to or scored; the padding after a pair
+    starts a segment like any position after an EOS, so it is listed in ``doc_starts``.
+    The loader turns the member into ``prompt_mask`` (True on prompt tokens) and
+    ``attention_mask`` (False on padding). Such a manifest says ``"prompt_conditioned": true``
+    and ``"version": 2``, so a dlmtrain that predates pairs refuses it rather than score the
+    prompts and padding; a sample without the member there is plain text (no prompt, no
+    padding). Datasets without the member keep version 1 and read exactly as before.
 
 Any webdataset pipeline reads these (``.decode()`` turns ``.npy`` into arrays); the
 loader in this package reads each shard whole, checks it against the manifest's
@@ -48,9 +61,11 @@ import numpy as np
 from dlmtrain.errors import DataError
 
 FORMAT = "dlmtrain-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # plain text datasets
+PAIRS_VERSION = 2  # prompt-conditioned datasets (pairs.npy); the newest version this reader knows
 IDS = "input_ids.npy"
 DOCS = "doc_starts.npy"
+PAIRS = "pairs.npy"
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 BLOCK = 512
 RECORD = 20 * BLOCK
@@ -187,7 +202,8 @@ class ShardWriter:
         head = npy_bytes(np.zeros(seq_len, dtype=self.dtype))
         self._ids_header = head[: len(head) - seq_len * self.dtype.itemsize]
 
-    def add(self, ids: np.ndarray, doc_starts) -> dict | None:
+    def add(self, ids: np.ndarray, doc_starts, pairs=None) -> dict | None:
+        """``pairs``: (start, answer_start, end) triples, flat (see the module docstring) or None."""
         if len(ids) != self.seq_len:
             raise ValueError(f"sample has {len(ids)} tokens, expected {self.seq_len}")
         if self._shard is None:
@@ -197,6 +213,8 @@ class ShardWriter:
         self._shard.add(f"{key}.{IDS}", self._ids_header + np.asarray(ids, dtype=self.dtype).tobytes())
         if len(doc_starts):
             self._shard.add(f"{key}.{DOCS}", npy_bytes(np.asarray(doc_starts, dtype="<i4")))
+        if pairs is not None:
+            self._shard.add(f"{key}.{PAIRS}", npy_bytes(np.asarray(pairs, dtype="<i4").reshape(-1)))
         self._shard.samples += 1
         self._tokens += self.seq_len
         self.sample_index += 1
@@ -454,8 +472,8 @@ def read_manifest(url: str) -> dict:
         raise DataError(f"cannot read manifest {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DataError(f"{where} is not a dlmtrain shard manifest (no \"format\": \"{FORMAT}\")")
-    if int(m.get("version", 0)) > FORMAT_VERSION:
-        raise DataError(f"{where} has format version {m.get('version')}; this dlmtrain reads up to {FORMAT_VERSION}: upgrade dlmtrain")
+    if int(m.get("version", 0)) > PAIRS_VERSION:
+        raise DataError(f"{where} has format version {m.get('version')}; this dlmtrain reads up to {PAIRS_VERSION}: upgrade dlmtrain")
     for key in ("seq_len", "dtype", "tokenizer", "splits", "vocab_size"):
         if key not in m:
             raise DataError(f"{where}: manifest lacks '{key}'")

@@ -18,6 +18,11 @@ every shard it reads whole; see :meth:`ValStream._read` for the partly read ones
 ``segment_ids`` number the documents within each row from 0; a new segment starts right
 after each EOS (EOS belongs to the document it ends), read from the ``doc_starts`` member.
 
+Prompt-conditioned datasets (``pairs`` member, see dlmtrain/data/format.py): every batch,
+train and val, also carries ``prompt_mask`` (True on prompt tokens) and ``attention_mask``
+(False on padding; val padding rows are False throughout and have no prompt). The worker
+sends them as a third channel of the packed tensor (0 text or answer, 1 prompt, 2 padding).
+
 Train order (all ranks agree on it without talking):
 
 * an infinite shard sequence ``S``: epoch ``e`` is a permutation of all train shards,
@@ -59,7 +64,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dlmtrain.data.format import DOCS, IDS, CorruptShard, NpyHeaderCache, buffer_samples, iter_samples, open_url
+from dlmtrain.data.format import DOCS, IDS, PAIRS, CorruptShard, NpyHeaderCache, buffer_samples, iter_samples, open_url
 from dlmtrain.errors import DataError
 
 log = logging.getLogger("dlmtrain.data")
@@ -82,6 +87,7 @@ class StreamSpec:
     pad_id: int
     on_corrupt: str  # fail | skip
     verify: bool = True  # check each whole shard read against the manifest's sha256 and bytes
+    prompts: bool = False  # prompt-conditioned data: every batch carries prompt_mask and attention_mask
 
 
 def worker_id() -> tuple[int, int]:
@@ -157,8 +163,9 @@ def _size_of(f) -> int:
 
 
 def _decode(sample: dict, spec: StreamSpec, dtype: np.dtype,
-            cache: NpyHeaderCache) -> tuple[np.ndarray, np.ndarray | None]:
-    """One sample's ``(input_ids, doc_starts or None)``, checked against the spec. Raises CorruptShard."""
+            cache: NpyHeaderCache) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One sample's ``(input_ids, doc_starts or None, pairs or None)``, checked against the spec.
+    Raises CorruptShard."""
     L, V = spec.seq_len, spec.vocab_size
     raw = sample.get(IDS)
     if raw is None:
@@ -166,6 +173,7 @@ def _decode(sample: dict, spec: StreamSpec, dtype: np.dtype,
     try:
         ids = cache.decode(raw)
         starts = cache.decode(sample[DOCS]) if DOCS in sample else None
+        pairs = cache.decode(sample[PAIRS]) if PAIRS in sample else None
     except (ValueError, KeyError) as e:
         raise CorruptShard(f"sample {sample['__key__']}: {e}") from None
     if ids.dtype != dtype or len(ids) != L:
@@ -174,7 +182,18 @@ def _decode(sample: dict, spec: StreamSpec, dtype: np.dtype,
         raise CorruptShard(f"sample {sample['__key__']}: token id {int(ids.max())} >= vocab size {V}")
     if starts is not None and len(starts) and (starts[0] <= 0 or starts[-1] >= L or np.any(np.diff(starts) <= 0)):
         raise CorruptShard(f"sample {sample['__key__']}: bad doc_starts")
-    return ids, starts
+    if pairs is not None and not _good_pairs(pairs, L):
+        raise CorruptShard(f"sample {sample['__key__']}: bad {PAIRS}")
+    return ids, starts, pairs
+
+
+def _good_pairs(pairs: np.ndarray, L: int) -> bool:
+    """(start, answer_start, end) triples: 0 <= start <= answer_start < end <= L, ascending, disjoint."""
+    if pairs.dtype.kind not in "iu" or len(pairs) % 3:
+        return False
+    p = pairs.astype(np.int64).reshape(-1, 3)
+    s, a, e = p[:, 0], p[:, 1], p[:, 2]
+    return bool((s >= 0).all() and (s <= a).all() and (a < e).all() and (e <= L).all() and (s[1:] >= e[:-1]).all())
 
 
 def _open(ref: ShardRef):
@@ -189,8 +208,9 @@ def _read_error(e: Exception) -> CorruptShard:  # pipe exit status, I/O errors
 
 
 def read_shard(ref: ShardRef, spec: StreamSpec, skip: int = 0,
-               cache: NpyHeaderCache | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """``(input_ids, doc_starts or None)`` of one whole shard, from sample ``skip`` on. Raises CorruptShard.
+               cache: NpyHeaderCache | None = None) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    """``(input_ids, doc_starts or None, pairs or None)`` of one whole shard, from sample ``skip`` on.
+    Raises CorruptShard.
 
     The shard is read whole into memory (one pass, hashed as it is read), checked against the
     manifest's ``bytes`` and ``sha256`` (``spec.verify``; a shard without them is not), and every
@@ -240,7 +260,7 @@ def read_shard(ref: ShardRef, spec: StreamSpec, skip: int = 0,
 
 
 def stream_shard(ref: ShardRef, spec: StreamSpec, skip: int = 0, stop: int | None = None,
-                 cache: NpyHeaderCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+                 cache: NpyHeaderCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
     """Samples ``skip..stop-1`` of one shard, streamed: reads no further than ``stop`` (and seeks past
     the first ``skip`` where it can), so its checksum is NOT verified; tar header checksums and each
     sample's dtype, length, token ids and doc_starts are. For partial reads of validation shards.
@@ -284,15 +304,27 @@ def _segments(starts_list: list, B: int, L: int) -> np.ndarray:
     return np.cumsum(marks, axis=1, out=marks)
 
 
+PROMPT, PAD = 1, 2  # roles in the third channel; 0: text or answer
+
+
 def make_batch(rows: list[np.ndarray], starts: list, L: int, real: list[bool] | None = None, pos=None,
-               fault: str | None = None) -> dict:
+               fault: str | None = None, pairs: list | None = None, prompts: bool = False) -> dict:
     """A batch as it leaves a worker: ids and segment ids in ONE int64 tensor ``[2, B, L]`` (one shared-memory
     transfer instead of several), the row mask, position and any fatal-data message as plain Python values.
-    :func:`unpack` opens it."""
+    With ``prompts`` (or any row's ``pairs``) a third channel holds each position's role. :func:`unpack` opens it."""
     B = len(rows)
-    packed = np.empty((2, B, L), dtype=np.int64)
+    roles = prompts or (pairs is not None and any(p is not None for p in pairs))
+    packed = np.empty((3 if roles else 2, B, L), dtype=np.int64)
     np.stack(rows, out=packed[0])
     packed[1] = _segments(starts, B, L)
+    if roles:
+        packed[2] = 0
+        for i, p in enumerate(pairs or ()):
+            if p is not None:
+                packed[2, i] = PAD
+                for s, a, e in p.reshape(-1, 3):
+                    packed[2, i, s:a] = PROMPT
+                    packed[2, i, a:e] = 0
     return {"_packed": torch.from_numpy(packed), "_rows": real, "_pos": pos, "_fault": fault}
 
 
@@ -300,8 +332,14 @@ def unpack(batch: dict) -> tuple[dict, tuple | None, str | None]:
     """``(batch for the model, position, fault message)`` from a worker's batch (see :func:`make_batch`)."""
     packed = batch["_packed"]
     out = {"input_ids": packed[0], "segment_ids": packed[1]}
+    am = None
     if batch.get("_rows") is not None:
-        out["attention_mask"] = torch.tensor(batch["_rows"], dtype=torch.bool)[:, None].expand(packed.shape[1:]).clone()
+        am = torch.tensor(batch["_rows"], dtype=torch.bool)[:, None].expand(packed.shape[1:]).clone()
+    if packed.shape[0] > 2:
+        out["prompt_mask"] = packed[2] == PROMPT
+        am = packed[2] != PAD if am is None else am & (packed[2] != PAD)
+    if am is not None:
+        out["attention_mask"] = am
     return out, batch.get("_pos"), batch.get("_fault")
 
 
@@ -359,8 +397,8 @@ class TrainStream(IterableDataset):
     def block_order(self, q: int, block: int, n: int) -> np.ndarray:
         return np.random.default_rng([self.seed, 7, q, block]).permutation(n)
 
-    def samples(self, g: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, tuple[int, int]]]:
-        """Worker ``g``'s samples with the position after each: ``(ids, starts, (q, offset))``."""
+    def samples(self, g: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[int, int]]]:
+        """Worker ``g``'s samples with the position after each: ``(ids, starts, pairs, (q, offset))``."""
         W = self.total_workers
         q, off = self.starts.get(g, (g, 0))
         on_corrupt = _Corruption(self.spec, self.counter)
@@ -385,10 +423,10 @@ class TrainStream(IterableDataset):
                     block = items[lo - first:lo - first + B]
                     order = self.block_order(q, lo // B, len(block))
                     for k in range(off - lo, len(block)):
-                        ids, starts = block[order[k]]
+                        ids, starts, pairs = block[order[k]]
                         off += 1
-                        yield ids, starts, ((q, off) if off < c else (q + W, 0))
-                items = block = ids = starts = None  # let the shard's buffer go before the next one is read
+                        yield ids, starts, pairs, ((q, off) if off < c else (q + W, 0))
+                items = block = ids = starts = pairs = None  # let the shard's buffer go before the next one is read
             q, off = q + W, 0
 
     def __iter__(self):
@@ -397,16 +435,17 @@ class TrainStream(IterableDataset):
             raise RuntimeError(f"TrainStream built for {self.num_workers} workers runs in {nw}")
         g = self.rank * self.num_workers + w
         L, Bsz = self.spec.seq_len, self.batch_size
-        rows, starts = [], []
-        for ids, st, nxt in self.samples(g):
+        rows, starts, pairs = [], [], []
+        for ids, st, pr, nxt in self.samples(g):
             rows.append(ids)
             starts.append(st)
+            pairs.append(pr)
             if len(rows) == Bsz:
-                yield make_batch(rows, starts, L, pos=(g, nxt[0], nxt[1]))
-                rows, starts = [], []
+                yield make_batch(rows, starts, L, pos=(g, nxt[0], nxt[1]), pairs=pairs, prompts=self.spec.prompts)
+                rows, starts, pairs = [], [], []
             if nxt[1] == 0:  # a shard ended: hold no view of its buffer (copy a partial batch) while the next is read
-                rows, starts = _owned(rows), _owned(starts)
-                ids = st = None
+                rows, starts, pairs = _owned(rows), _owned(starts), _owned(pairs)
+                ids = st = pr = None
 
 
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -434,7 +473,7 @@ class ValStream(IterableDataset):
     def __len__(self) -> int:  # batches this rank yields (all workers together)
         return self.batches_per_rank()
 
-    def _read(self, lo: int, hi: int, faults: list) -> Iterator[tuple[np.ndarray, np.ndarray | None] | None]:
+    def _read(self, lo: int, hi: int, faults: list) -> Iterator[tuple | None]:
         """Samples ``lo..hi-1`` (global val index), ``None`` for unreadable ones (their messages
         go to ``faults`` under on_corrupt=fail).
 
@@ -455,10 +494,10 @@ class ValStream(IterableDataset):
                 if first == 0 and stop == ref.samples:
                     items = read_shard(ref, self.spec, cache=cache)
                     tail = len(items) - self.batch_size  # rows from here may share a batch with the next shard
-                    for k, (ids, starts) in enumerate(items):
-                        yield (ids, starts) if k < tail else tuple(_owned([ids, starts]))
+                    for k, item in enumerate(items):
+                        yield item if k < tail else tuple(_owned(list(item)))
                         got += 1
-                    items = ids = starts = None  # let the shard's buffer go before the next one is read
+                    items = item = None  # let the shard's buffer go before the next one is read
                 else:
                     for item in stream_shard(ref, self.spec, skip=first, stop=stop, cache=cache):
                         yield item
@@ -485,11 +524,13 @@ class ValStream(IterableDataset):
         reader = self._read(lo, hi, faults)
         pad_row = np.full(L, self.spec.pad_id, dtype=np.int64)
         for j in range(j0, j1):
-            rows, starts, real = [], [], []
+            rows, starts, pairs, real = [], [], [], []
             for r in range(Bsz):
                 slot = j * Bsz + r
                 item = next(reader) if slot < n_real else None
                 real.append(item is not None)
                 rows.append(pad_row if item is None else item[0])
                 starts.append(None if item is None else item[1])
-            yield make_batch(rows, starts, L, real=real, fault=faults[0] if faults else None)
+                pairs.append(None if item is None else item[2])
+            yield make_batch(rows, starts, L, real=real, fault=faults[0] if faults else None, pairs=pairs,
+                             prompts=self.spec.prompts)

@@ -20,6 +20,11 @@ estimator is unbiased for   int_eps^1 (diffusion) dt + (reconstruction at eps), 
 its variance stays bounded. With exact conditionals the bound is tight: its
 expectation is -log p(x) (tests/diffusion/test_masked.py checks this on Markov sources).
 
+Conditioning (LLaDA's SFT, Nie et al., 2025, sec. 2.3): positions given to ``corrupt`` as
+``keep`` (a prompt) are never masked and carry no loss. The forward process then acts on the
+other positions only, and the same derivation bounds -log p(x_rest | x_keep): with exact
+conditionals p(x^i | z_t) (which see the kept tokens) the bound is tight again.
+
 Discrete time with T steps (Austin et al., 2021, D3PM eq. 1; MDLM sec. 3.2, eq. 8), on the
 grid t_i = i/T, s = t_{i-1}:
     L_T = sum_{i=1}^T E_{z_{t_i}} KL(q(z_s | z_t, x) || p(z_s | z_t))  +  KL(q(z_1 | x) || p(z_1))
@@ -48,6 +53,20 @@ def corrupt(x0: torch.Tensor, move_prob: torch.Tensor, mask_id: int, generator=N
     if keep is not None:
         masked &= ~keep
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
+
+
+def random_length_mask(shape: tuple[int, int], fraction: float, generator=None, device=None) -> torch.Tensor:
+    """[B, L] bool, True on the positions a training row keeps. LLaDA (Nie et al., 2025, sec. 2.2) cuts 1% of its pretraining data to a length drawn uniformly from {1..L}, so
+    the model also sees short sequences. Here each row independently, with probability
+    ``fraction``, keeps its first n ~ U{1..L} positions; the rest becomes padding (never
+    corrupted, scored or attended to). Draws from ``generator``: a pure function of its state."""
+    b, L = shape
+    gdev = generator.device if generator is not None else device
+    cut = torch.rand(b, generator=generator, device=gdev) < fraction
+    n = torch.randint(1, L + 1, (b,), generator=generator, device=gdev)
+    n = torch.where(cut, n, torch.full_like(n, L))
+    keep = torch.arange(L, device=gdev)[None, :] < n[:, None]
+    return keep.to(device) if device is not None else keep
 
 
 def time_weights(t: torch.Tensor, schedule: Schedule, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

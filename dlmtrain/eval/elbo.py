@@ -181,7 +181,7 @@ def evaluate(module, data, *, num_samples: int | None = None, seed: int | None =
 
     ``data``: a DataModule (its ``val_dataloader()`` and ``tokenizer`` are used) or any
     iterable of batches (dicts with ``input_ids`` and optionally ``attention_mask``,
-    ``segment_ids``). Defaults come from ``module.cfg`` (eval.nelbo_samples, eval.t_bins,
+    ``segment_ids``, ``prompt_mask``: then the bound and the bytes are the answers'). Defaults come from ``module.cfg`` (eval.nelbo_samples, eval.t_bins,
     eval.discrete_steps, trainer.seed), so with the same weights and batches the numbers
     equal validation's on rank 0. Uses the EMA weights when the module holds an EMA (a
     checkpoint loaded with ``dlmtrain.load_checkpoint`` already has them in place). Runs

@@ -6,6 +6,9 @@ A subclass builds ``self.backbone`` and implements:
               discrete_steps=0) -> (nats [B, K], t [B, K]): K Monte Carlo draws of a per-sequence
       upper bound on -log p(x) in nats, summed over scored tokens, and each draw's time
   scored_mask(input_ids, attention_mask) -> [B, L] bool, the tokens the bound covers
+An objective that sets ``prompt_conditioning = True`` also takes ``prompt_mask`` [B, L] (True on
+prompt tokens; batches of prompt-conditioned data carry it) as a keyword of nelbo_draws and
+scored_mask: the bound is then on -log p(rest | prompt) and the prompt is not scored.
 ``nelbo()`` is the mean of the draws. Validation produces the draws under the EMA weights
 (``validation_step`` returns them); the ELBO callback (dlmtrain/callbacks/elbo.py) turns
 them into val/* metrics. A Trainer given none gets a default one (``configure_callbacks``).
@@ -20,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dlmtrain.errors import ConfigError
 from dlmtrain.modules.ema import EMA
 
 
@@ -79,10 +83,21 @@ class DiffusionModule(L.LightningModule):
         raise NotImplementedError
 
     discrete_bound = False  # whether nelbo_draws(discrete_steps=T > 0) is implemented
+    prompt_conditioning = False  # whether nelbo_draws/scored_mask take prompt_mask (SFT data)
 
-    def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None):
-        """Per-sequence upper bound on -log p(x) in nats: the mean of ``num_samples`` draws."""
-        return self.nelbo_draws(input_ids, attention_mask, num_samples, generator, segment_ids)[0].mean(1)
+    def nelbo(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None, **kw):
+        """Per-sequence upper bound on -log p(x) in nats: the mean of ``num_samples`` draws
+        (``prompt_mask=`` where supported: on -log p(rest | prompt))."""
+        return self.nelbo_draws(input_ids, attention_mask, num_samples, generator, segment_ids, **kw)[0].mean(1)
+
+    def _prompt_kw(self, batch: dict) -> dict:
+        """``{"prompt_mask": ...}`` for a batch of prompt-conditioned data, else {}."""
+        if batch.get("prompt_mask") is None:
+            return {}
+        if not self.prompt_conditioning:
+            raise ConfigError(f"the data is prompt-conditioned (prompt/answer pairs), which objective "
+                              f"{self.cfg.objective.name} does not support; use objective.name=mdlm or other data")
+        return {"prompt_mask": batch["prompt_mask"]}
 
     def scored_mask(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         if attention_mask is None:
@@ -112,6 +127,9 @@ class DiffusionModule(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if getattr(dm, "prompt_conditioned", False):
+            self._prompt_kw({"prompt_mask": True})  # unsupported: fail before the first step
         if self.ema is None and self.cfg.optim.ema > 0:
             self.ema = EMA(self.backbone, self.cfg.optim.ema)
 
@@ -155,10 +173,12 @@ class DiffusionModule(L.LightningModule):
         """The draws the ELBO accumulator needs for one batch: ``nats``/``t`` [B, K] (continuous
         time), ``scored`` [B, L], and ``nats_T`` [B, K] (the T-step bound) when discrete_steps > 0."""
         ids, am, seg = batch["input_ids"], batch.get("attention_mask"), batch.get("segment_ids")
-        nats, t = self.nelbo_draws(ids, am, num_samples, generator, seg)
-        out = {"nats": nats, "t": t, "scored": self.scored_mask(ids, am)}
+        kw = self._prompt_kw(batch)
+        nats, t = self.nelbo_draws(ids, am, num_samples, generator, seg, **kw)
+        out = {"nats": nats, "t": t, "scored": self.scored_mask(ids, am, **kw)}
         if discrete_steps > 0:
-            out["nats_T"] = self.nelbo_draws(ids, am, num_samples, generator, seg, discrete_steps=discrete_steps)[0]
+            out["nats_T"] = self.nelbo_draws(ids, am, num_samples, generator, seg, discrete_steps=discrete_steps,
+                                             **kw)[0]
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

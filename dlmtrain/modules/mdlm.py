@@ -4,6 +4,17 @@ With ``model.document_mask`` the backbone is told the document boundaries of the
 clean sequence. The boundaries then reveal where every EOS is, so EOS tokens are
 never masked and not scored: the bound is on -log p(x | document boundaries), over
 the non-EOS tokens. Without document masking it is the plain bound on -log p(x).
+
+LLaDA's options (Nie et al., 2025):
+- ``objective.random_length_fraction``: in training only, that share of the rows is cut to a
+  length drawn uniformly from {1..L}; the rest of the row is padding (see
+  ``random_length_mask``). Drawn from the step generator, so a resumed run cuts the same rows.
+  It applies to prompt-conditioned rows too: a row cut inside its prompt scores nothing.
+- Prompt-conditioned data (SFT) is automatic: a batch with ``prompt_mask`` (True on prompt
+  tokens; data_prep --prompt-field) never masks or scores the prompt, the training loss is
+  the mean over answer tokens (all answer tokens of the batch together, not LLaDA's
+  per-sequence mean), and ``nelbo`` bounds -log p(answers | prompts), so val/nelbo and
+  val/bpb are per answer token and per answer byte.
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ import torch
 from omegaconf import DictConfig
 
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
-from dlmtrain.diffusion.masked import corrupt, discrete_weights, masked_token_nll, subs_logits, time_weights
+from dlmtrain.diffusion.masked import (
+    corrupt, discrete_weights, masked_token_nll, random_length_mask, subs_logits, time_weights,
+)
 from dlmtrain.diffusion.schedules import draw_times, get_schedule, stratified_times
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
@@ -22,6 +35,7 @@ from dlmtrain.sampling.registry import register_samplers
 
 class MDLM(DiffusionModule):
     discrete_bound = True
+    prompt_conditioning = True
 
     def __init__(self, cfg: DictConfig | None = None, config: dict | None = None):
         super().__init__(cfg, config)
@@ -32,17 +46,20 @@ class MDLM(DiffusionModule):
         self.schedule = get_schedule(o.schedule)
         self.backbone = Backbone(m, vocab_size=max(m.vocab_size, self.mask_id + 1), use_cond=o.time_conditioning)
 
-    def _fixed(self, input_ids, attention_mask):
-        """Positions never corrupted and never scored: padding, and EOS under document masking."""
+    def _fixed(self, input_ids, attention_mask, prompt_mask=None):
+        """Positions never corrupted and never scored: padding, prompt tokens, and EOS under document masking."""
         fixed = torch.zeros_like(input_ids, dtype=torch.bool) if attention_mask is None else ~attention_mask.bool()
+        if prompt_mask is not None:
+            fixed |= prompt_mask.bool()
         if self.cfg.model.document_mask:
             fixed |= input_ids == self.cfg.model.eos_id
         return fixed
 
-    def scored_mask(self, input_ids, attention_mask=None):
-        return ~self._fixed(input_ids, attention_mask)
+    def scored_mask(self, input_ids, attention_mask=None, prompt_mask=None):
+        return ~self._fixed(input_ids, attention_mask, prompt_mask)
 
-    def _token_nelbo(self, x0, t, attention_mask=None, segment_ids=None, generator=None, discrete_steps=0):
+    def _token_nelbo(self, x0, t, attention_mask=None, segment_ids=None, generator=None, discrete_steps=0,
+                     prompt_mask=None):
         """One Monte Carlo draw of the per-token NELBO contributions [B, L] at times t [B]
         (continuous time, or the T-step discrete bound when discrete_steps = T > 0)."""
         o = self.cfg.objective
@@ -50,7 +67,7 @@ class MDLM(DiffusionModule):
             tau, w = discrete_weights(t, discrete_steps, self.schedule)
         else:
             tau, w = time_weights(t, self.schedule, o.eps)
-        z = corrupt(x0, 1.0 - self.schedule.alpha(tau), self.mask_id, generator, keep=self._fixed(x0, attention_mask))
+        z = corrupt(x0, 1.0 - self.schedule.alpha(tau), self.mask_id, generator, keep=self._fixed(x0, attention_mask, prompt_mask))
         # Document boundaries come from the clean sequence: they reveal where every EOS is, so
         # the backbone may see them only under document masking (where EOS is fixed and unscored).
         # Otherwise the batch's segment_ids are ignored and the bound is on -log p(x) itself.
@@ -63,23 +80,27 @@ class MDLM(DiffusionModule):
         return masked_token_nll(logits, x0, z, self.mask_id) * w[:, None]
 
     def loss(self, batch: dict) -> torch.Tensor:
-        x0, am = batch["input_ids"], batch.get("attention_mask")
+        x0, am, pm = batch["input_ids"], batch.get("attention_mask"), batch.get("prompt_mask")
+        o = self.cfg.objective
         rank, world = self.rank_and_world
         b = x0.shape[0]
         g = self.step_generator(x0.device)
-        t = stratified_times(
-            b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic, generator=g, device=x0.device
-        )
-        per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g)
-        return per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)
+        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=o.antithetic, generator=g, device=x0.device)
+        if o.random_length_fraction > 0:
+            keep = random_length_mask(x0.shape, o.random_length_fraction, g, x0.device)
+            am = keep if am is None else am.bool() & keep
+        per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g, prompt_mask=pm)
+        return per_tok.sum() / self.scored_mask(x0, am, pm).sum().clamp_min(1)
 
     def nelbo_draws(self, input_ids, attention_mask=None, num_samples=1, generator=None, segment_ids=None,
-                    discrete_steps=0):
-        """(nats [B, K], t [B, K]): K draws per sequence, times stratified (see draw_times)."""
+                    discrete_steps=0, prompt_mask=None):
+        """(nats [B, K], t [B, K]): K draws per sequence, times stratified (see draw_times). With
+        ``prompt_mask`` the bound is on -log p(the other tokens | the prompt tokens)."""
         b, dev = input_ids.shape[0], input_ids.device
         t = draw_times(b, num_samples, antithetic=self.cfg.objective.antithetic, generator=generator, device=dev)
         nats = torch.stack([
-            self._token_nelbo(input_ids, t[:, k], attention_mask, segment_ids, generator, discrete_steps).sum(-1)
+            self._token_nelbo(input_ids, t[:, k], attention_mask, segment_ids, generator, discrete_steps,
+                              prompt_mask).sum(-1)
             for k in range(num_samples)
         ], 1)
         if discrete_steps > 0:

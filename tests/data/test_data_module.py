@@ -48,7 +48,7 @@ def all_rows(manifest: Path, split: str) -> list[bytes]:
     out = []
     for s in m["splits"][split]["shards"]:
         ref = ShardRef(str(Path(m["_where"]).parent / s["name"]), s["name"], s["samples"])
-        out.extend(ids.astype(np.uint16).tobytes() for ids, _ in read_shard(ref, spec))
+        out.extend(ids.astype(np.uint16).tobytes() for ids, _, _ in read_shard(ref, spec))
     return out
 
 

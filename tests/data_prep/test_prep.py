@@ -64,7 +64,7 @@ def split_stream(out: Path, manifest: dict, split: str) -> np.ndarray:
                       pad_id=0, on_corrupt="fail")
     parts = []
     for s in manifest["splits"][split]["shards"]:
-        for ids, starts in read_shard(ShardRef(str(out / s["name"]), s["name"], s["samples"]), spec):
+        for ids, starts, _ in read_shard(ShardRef(str(out / s["name"]), s["name"], s["samples"]), spec):
             eos_after = np.flatnonzero(ids[:-1] == manifest["eos_id"]) + 1
             assert list(eos_after) == (list(starts) if starts is not None else [])  # boundaries explicit == EOS
             parts.append(ids.astype(np.int64))
