@@ -5,8 +5,9 @@ from dlmtrain.errors import ConfigError
 
 def _objectives():
     from dlmtrain.modules.mdlm import MDLM
+    from dlmtrain.modules.sedd import SEDD
 
-    return {"mdlm": MDLM}
+    return {"mdlm": MDLM, "sedd": SEDD}
 
 
 def build_module(cfg):

@@ -146,8 +146,9 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
     given = fixed_all[fixed_all >= 0]
     vocab = getattr(getattr(module, "backbone", None), "out_dim", None)
     mask_id = getattr(module, "mask_id", None)
-    if given.numel() and ((vocab is not None and given.max() >= vocab) or (given == mask_id).any()):
-        bad = given[(given == mask_id) | (given >= (vocab or given.max() + 1))][0].item()
+    is_mask = given == mask_id if mask_id is not None else torch.zeros_like(given, dtype=torch.bool)  # uniform: none
+    if given.numel() and ((vocab is not None and given.max() >= vocab) or is_mask.any()):
+        bad = given[is_mask | (given >= (vocab or given.max() + 1))][0].item()
         raise ConfigError(f"conditioning token id {bad} is [MASK] or outside the model's vocabulary "
                           f"({vocab if vocab is not None else '?'} ids, [MASK] = {mask_id}); "
                           "check the tokenizer the ids came from")
