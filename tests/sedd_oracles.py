@@ -115,3 +115,31 @@ def chain_nll(x, P=P):
     """-log p(x) per row, exactly."""
     lp = torch.log(stationary(P)[x[:, 0]])
     return -(lp + torch.log(P[x[:, :-1], x[:, 1:]]).sum(1))
+
+
+def chi2_pvalue(counts, probs):
+    """Pearson chi-square goodness of fit of ``counts`` to ``probs``; a drawn cell of probability 0 fails."""
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    exp = probs / probs.sum() * counts.sum()
+    assert counts[exp == 0].sum() == 0, "a cell of probability 0 was drawn"
+    keep = exp > 0
+    stat = ((counts[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = torch.tensor((keep.sum() - 1).item() / 2, dtype=torch.float64)
+    return torch.special.gammaincc(df, stat / 2).item()
+
+
+def exact_pair(i, j, L, fixed=None, P=P):
+    """The chain's exact joint of (x_i, x_j) for sequences of length L given fixed positions (enumerated)."""
+    k = P.shape[0]
+    seqs = torch.cartesian_prod(*[torch.arange(k)] * L)
+    lp = -chain_nll(seqs, P)
+    keep = torch.ones(len(seqs), dtype=torch.bool)
+    for pos, tok in (fixed or {}).items():
+        keep &= seqs[:, pos] == tok
+    joint = torch.zeros(k, k, dtype=torch.float64)
+    joint.index_put_((seqs[keep, i], seqs[keep, j]), lp[keep].exp(), accumulate=True)
+    return joint / joint.sum()
+
+
+def pair_counts(ids, i, j, k=K):
+    return torch.bincount(ids[:, i] * k + ids[:, j], minlength=k * k).view(k, k)
