@@ -153,6 +153,44 @@ def uniform_log_ratio(alpha: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.log1p(-alpha) - torch.log1p(-alpha + n_tokens * alpha)
 
 
+_CHUNK_ELEMENTS = 1 << 24  # rows of [.., N] processed together: bounds the transient memory (64 MB per float32 temporary)
+
+
+class _BregmanSum(torch.autograd.Function):
+    """sum_{y != z} r phi(s_y - log r) over the last axis ([..., N] -> [...]), r = e^{log_r} per position.
+
+    Memory: at vocabulary size the [B, L, N] terms would be several copies of the logits; here they
+    are formed chunk by chunk and only s is kept for backward. d/ds_y = r expm1(s_y - log r)
+    (= e^{s_y} - r), and 0 at y = z; log r gets no gradient (a constant of the noise)."""
+
+    @staticmethod
+    def forward(ctx, s, z, log_r):
+        ctx.save_for_backward(s, z, log_r)
+        n = s.shape[-1]
+        sf, zf, lf = s.reshape(-1, n), z.reshape(-1, 1), log_r.reshape(-1, 1).to(s.dtype)
+        out = torch.empty(sf.shape[0], dtype=s.dtype, device=s.device)
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for i in range(0, sf.shape[0], step):
+            sl = slice(i, i + step)
+            terms = torch.exp(lf[sl]) * phi(sf[sl] - lf[sl])
+            out[sl] = terms.scatter_(-1, zf[sl], 0.0).sum(-1)
+        return out.view(s.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, z, log_r = ctx.saved_tensors
+        n = s.shape[-1]
+        sf, zf, lf = s.reshape(-1, n), z.reshape(-1, 1), log_r.reshape(-1, 1).to(s.dtype)
+        gf = grad_out.reshape(-1, 1).to(s.dtype)
+        grad = torch.empty_like(sf)
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for i in range(0, sf.shape[0], step):
+            sl = slice(i, i + step)
+            grad[sl] = (gf[sl] * torch.exp(lf[sl])) * torch.expm1(sf[sl] - lf[sl])
+            grad[sl].scatter_(-1, zf[sl], 0.0)
+        return grad.view(s.shape), None, None
+
+
 def uniform_dse(s_hat: torch.Tensor, x0: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,
                 dsigma: torch.Tensor) -> torch.Tensor:
     """The uniform graph's DSE integrand [B, L]: (sigma'/N) sum_{y != z} r_y phi(s_y - log r_y).
@@ -161,9 +199,7 @@ def uniform_dse(s_hat: torch.Tensor, x0: torch.Tensor, z: torch.Tensor, alpha: t
     log_r = uniform_log_ratio(alpha.double(), n).to(s_hat.dtype)[:, None]  # [B, 1]
     clean = z == x0
     lr = torch.where(clean, log_r, torch.zeros_like(log_r))  # [B, L]: log r_y for every y != x
-    terms = torch.exp(lr).unsqueeze(-1) * phi(s_hat - lr.unsqueeze(-1))
-    terms = terms.scatter(-1, z.unsqueeze(-1), 0.0)  # y = z is not a move
-    total = terms.sum(-1)
+    total = _BregmanSum.apply(s_hat, z, lr)
     # a corrupted position's y = x term has r_x = 1/r: swap phi(s_x) for phi(s_x + log r) / r
     s_x = s_hat.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     fix = torch.exp(-log_r) * phi(s_x + log_r) - phi(s_x)

@@ -273,3 +273,25 @@ def test_reconstruction_branch_with_large_eps_stays_exact_on_iid_source(graph, o
     se = est.std(1) / math.sqrt(reps)
     assert ((est.mean(1) - truth).abs() < 4 * se).all(), (est.mean(1), truth, se)
     assert (4 * se < 0.03 * truth).all()
+
+
+def test_uniform_dse_gradient_matches_plain_autograd():
+    # the memory-saving custom backward against autograd through the plain formula, in float64
+    g = torch.Generator().manual_seed(3)
+    B, L, N = 3, 5, 4
+    s_hat = (torch.randn(B, L, N, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    x0 = torch.randint(0, N, (B, L), generator=g)
+    z = torch.where(torch.rand(B, L, generator=g) < 0.5, x0, torch.randint(0, N, (B, L), generator=g))
+    alpha = torch.tensor([0.999, 0.6, 0.05], dtype=torch.float64)
+    dsig = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    weights = torch.randn(B, L, generator=g, dtype=torch.float64)
+    (uniform_dse(s_hat, x0, z, alpha, dsig) * weights).sum().backward()
+    r = (1 - alpha) / (1 - alpha + N * alpha)
+    s2 = s_hat.detach().clone().requires_grad_()
+    ry = torch.where((z == x0)[..., None], r[:, None, None], torch.ones(B, L, N, dtype=torch.float64))
+    ry = ry.scatter(-1, x0[..., None], torch.where((z == x0)[..., None], r[:, None, None], 1 / r[:, None, None]))
+    plain = (s2.exp() - ry * s2 + ry * (ry.log() - 1)).scatter(-1, z[..., None], 0.0).sum(-1) * (dsig / N)[:, None]
+    (plain * weights).sum().backward()
+    assert torch.allclose(uniform_dse(s_hat, x0, z, alpha, dsig), plain, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(s_hat.grad, s2.grad, rtol=1e-8, atol=1e-10)  # phi's series: ~1e-11
+    assert (s_hat.grad.gather(-1, z[..., None]) == 0).all()  # the current state's score gets no gradient
