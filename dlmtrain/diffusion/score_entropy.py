@@ -153,7 +153,7 @@ def uniform_log_ratio(alpha: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.log1p(-alpha) - torch.log1p(-alpha + n_tokens * alpha)
 
 
-_CHUNK_ELEMENTS = 1 << 24  # rows of [.., N] processed together: bounds the transient memory (64 MB per float32 temporary)
+_CHUNK_ELEMENTS = 1 << 24  # elements of [.., N] processed at once: 64 MB per float32 temporary
 
 
 class _BregmanSum(torch.autograd.Function):

@@ -5,7 +5,8 @@ or uniform (no extra state). ``objective.noise``: loglinear or geometric (sigma_
 The backbone is conditioned on the noise level sigma(t) through adaLN and outputs raw log scores
 [B, L, states]; ``nelbo`` is the complete bound: the DSE integral over [eps, 1], the
 reconstruction at eps and the prior KL at t = 1 (see the module docstring of score_entropy.py).
-Padding, and EOS under ``model.document_mask``, are never corrupted and not scored, as in MDLM.
+Padding, and EOS under ``model.document_mask`` (absorb only), are never corrupted and not scored,
+as in MDLM.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class SEDD(DiffusionModule):
         if m.document_mask and m.eos_id < 0:
             raise ConfigError("model.document_mask=true needs model.eos_id (the data's EOS id); set it or disable "
                               "document_mask")
+        if m.document_mask and o.graph == "uniform":  # noise turns any token into EOS: z does not show the boundaries
+            raise ConfigError("model.document_mask=true with objective.graph=uniform: uniform noise makes EOS "
+                              "tokens appear anywhere, so sampling cannot know the document boundaries; disable "
+                              "document_mask or use objective.graph=absorb")
         if o.noise == "geometric" and not 0 < o.sigma_min < o.sigma_max:
             raise ConfigError(f"objective.sigma_min={o.sigma_min}, sigma_max={o.sigma_max}: geometric noise needs "
                               "0 < sigma_min < sigma_max (SEDD uses 1e-4 and 20)")

@@ -229,11 +229,13 @@ def test_module_wiring_states_prior_and_padding():
     assert uni.scored_tokens(x, am).tolist() == [6, 4]
 
 
-def test_geometric_noise_with_bad_sigmas_is_a_config_error():
+def test_config_errors():
     from dlmtrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sigma_min"):
         sedd_module(AbsorbScoreOracle(), "objective.noise=geometric", "objective.sigma_min=30")
+    with pytest.raises(ConfigError, match="document_mask=true with objective.graph=uniform"):
+        sedd_module(UniformScoreOracle(), "objective=sedd_uniform", "model.document_mask=true", "model.eos_id=0")
 
 
 
