@@ -3,7 +3,7 @@
 Lou, Meng & Ermon, 2024, "Discrete Diffusion Modeling by Estimating the Ratios of the Data
 Distribution" (ICML; arXiv:2310.16834). Notation: N tokens, alpha(t) = e^{-sigma(t)}.
 
-Forward process, per token, a CTMC dp_t/dt = sigma'(t) Q p_t (SEDD eq. 1), so
+Forward process, per token, a CTMC dp_t/dt = sigma'(t) Q p_t (SEDD sec. 2), so
 q_t(. | x) = exp(sigma(t) Q) e_x:
 
 - ``absorb``: the N tokens and [MASK] (m); Q = e_m 1^T - I. A token turns into [MASK] at
@@ -14,7 +14,7 @@ q_t(. | x) = exp(sigma(t) Q) e_x:
 The network outputs log score ratios  s_hat(z)^i_y ~ log q_t(z with z^i := y) / q_t(z)  for
 y != z^i (the ratio at the current state is 1: s_hat := 0 there).
 
-The bound (SEDD Thm 3.6, the diffusion-weighted denoising score entropy), per sequence x:
+The bound (SEDD sec. 3: the likelihood bound by the diffusion-weighted denoising score entropy), per x:
 
     -log p(x) <= int_0^1 E_{z ~ q_t(.|x)} sum_i sum_{y != z^i} R_t(y -> z^i) [e^{s_y} - r_y s_y + K(r_y)] dt
                  + KL(q_1(. | x) || pi),
@@ -28,7 +28,7 @@ numerically stable where the three terms of the original nearly cancel.
 Per token i with z = z^i (``absorb_terms``, ``uniform_dse``):
 
 - absorb: only z = m contributes, the rate into m from every token is sigma'; r_x = 1/(e^sigma - 1),
-  r_y = 0 for y != x. SEDD's scale-by-sigma parameterisation (sec. 4 / its code)
+  r_y = 0 for y != x. SEDD's scale-by-sigma parameterisation (absorb only, as in its code)
   s_hat_y = raw_y - log(e^sigma - 1) - log N, i.e. s_hat = u + log r_x with u = raw - log N, gives
       sigma' r_x [sum_{y != x} e^{u_y} + phi(u_x)] = w(t) [-log softmax(u)_x + phi(log Z)],
   Z = sum_y e^{u_y}, w = sigma'/(e^sigma - 1) = -alpha'/(1 - alpha): MDLM's integrand for the
@@ -64,9 +64,10 @@ uniform + loglinear, where pi = Unif is not the q_1 marginal: there the bound ex
 by at most the prior KL.
 
 Reverse steps for the samplers (dlmtrain/sampling/sedd.py), per token, t -> s < t:
-- Euler / tau-leaping (SEDD sec. 4.1): Cat(e_z + dt R_hat(z, .)), R_hat(z, y) = R_t(y -> z) e^{s_y}.
-- Tweedie tau-leaping (SEDD Thm 4.2): p(y) ~ [exp(-dsigma Q) s]_y exp(dsigma Q)(z | y), dsigma =
-  sigma(t) - sigma(s), s_z = 1: the exact one-token reverse marginal when the score is exact.
+- Euler / tau-leaping (SEDD sec. 4): Cat(e_z + dt R_hat(z, .)), R_hat(z, y) = R_t(y -> z) e^{s_y}.
+- Tweedie tau-leaping (SEDD sec. 4, its discrete Tweedie theorem): p(y) ~ [exp(-dsigma Q) s]_y
+  exp(dsigma Q)(z | y), dsigma = sigma(t) - sigma(s), s_z = 1: the exact one-token reverse marginal
+  when the score is exact. For absorb with alpha = 1 - t the Euler step coincides with it.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ posterior to t = 0). NFE = steps + 1; absorb skips evaluations once nothing is m
   rates at t_k, R_hat(z, y) = R_t(y -> z) e^{s_y}. Absorb: a [MASK] is revealed as y with probability
   dt w(t_k) e^{u_y}; uniform: z moves to y with probability dt sigma'(t_k)/N e^{s_y}. When the moves
   exceed probability 1 (few steps, large rates) the stay mass is clamped at 0.
-- ``tweedie`` (SEDD's analytic predictor, Thm 4.2): the exact one-token reverse marginal from t_k to
-  t_{k+1} when the score is exact. Absorb: revealed as y with probability
-  (alpha_s - alpha_t)/(1 - alpha_t) e^{u_y} (MDLM's ancestral step when the masses sum to 1).
+- ``tweedie`` (SEDD's analytic predictor, its discrete Tweedie theorem): the exact one-token reverse
+  marginal from t_k to t_{k+1} when the score is exact. Absorb: revealed as y with probability
+  (alpha_s - alpha_t)/(1 - alpha_t) e^{u_y} (MDLM's ancestral step when the masses sum to 1; with
+  loglinear noise, alpha = 1 - t, Euler's dt w(t) = dt / t is the same number: both draw alike).
 - ``ancestral``: ``tweedie`` under MDLM's name (it is the reverse process with independent per-token
   draws, what MDLM's ancestral sampler is), so configs written for MDLM (configs/demo.yaml) run.
   Both samplers are exact as steps -> infinity; at finite steps tokens moving in the same step are
