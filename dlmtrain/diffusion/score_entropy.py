@@ -62,7 +62,7 @@ The complete bound adds what the integral over [eps, 1] leaves out; nothing is d
 With exact scores the expectation is -log p(x) up to the O(eps^2) decoder gap and, where pi is
 not exactly the q_1 marginal (all but absorb + loglinear), a difference of at most the prior KL:
 the bound is on -log p_theta(x), and p_theta differs from the data's p as pi does from q_1
-(noticeable only for uniform + loglinear, 6e-6 nats/token at N = 3 in the tests).
+(largest for uniform + loglinear: 1e-6 nats/token at N = 3 in the tests).
 
 Reverse steps for the samplers (dlmtrain/sampling/sedd.py), per token, t -> s < t:
 - Euler / tau-leaping (SEDD sec. 4): Cat(e_z + dt R_hat(z, .)), R_hat(z, y) = R_t(y -> z) e^{s_y}.
