@@ -2,7 +2,10 @@
 
 Every schedule here is exact in alpha and alpha' (no autograd, no finite
 differences), decreasing, with alpha(0) = 1 and alpha(1) = 0 so the prior at t = 1
-is exactly the all-noise state and the NELBO needs no prior term.
+is exactly the all-noise state and the NELBO needs no prior term. The two SEDD noises
+at the end (LogLinearFloor, Geometric) are the exceptions, kept out of SCHEDULES: they
+stop at alpha(1) > 0 (and Geometric starts at alpha(0) < 1), so an objective using
+them adds a prior and a reconstruction term (dlmtrain/diffusion/score_entropy.py).
 
 The continuous-time masked-diffusion NELBO weighs the cross-entropy of each
 masked token at time t by  -alpha'(t) / (1 - alpha(t))  (Sahoo et al., 2024,
@@ -33,6 +36,10 @@ class Schedule:
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Total noise -log alpha(t), clipped at 1e-6 < alpha: the backbone's conditioning input."""
         return -torch.log(self.alpha(t).clamp_min(1e-6))
+
+    def dsigma(self, t: torch.Tensor) -> torch.Tensor:
+        """d sigma / dt = -alpha'(t) / alpha(t): the rate of the CTMC form of the forward process."""
+        return -self.alpha_prime(t) / self.alpha(t)
 
     def time_of_alpha(self, a: torch.Tensor) -> torch.Tensor:
         """The inverse of alpha: t with alpha(t) = a, for a in [0, 1] (samplers that draw reveal
@@ -98,6 +105,59 @@ class Cosine(Schedule):
 
     def time_of_alpha(self, a):
         return torch.arccos(torch.as_tensor(a).clamp(0.0, 1.0)) * (2.0 / math.pi)
+
+
+class LogLinearFloor(Schedule):
+    """alpha(t) = 1 - (1 - a1) t: SEDD's / MDLM's LogLinearNoise with eps = a1, so
+    sigma(t) = -log(1 - (1 - a1) t) stays finite, sigma(1) = -log a1 (Lou et al., 2024, SEDD)."""
+
+    name = "loglinear_floor"
+
+    def __init__(self, alpha1: float = 1e-3):
+        self.a1 = float(alpha1)
+
+    def alpha(self, t):
+        return 1.0 - (1.0 - self.a1) * t
+
+    def alpha_prime(self, t):
+        return torch.full_like(t, -(1.0 - self.a1))
+
+    def time_of_alpha(self, a):
+        return ((1.0 - torch.as_tensor(a)) / (1.0 - self.a1)).clamp(0.0, 1.0)
+
+
+class Geometric(Schedule):
+    """SEDD's geometric noise (Lou et al., 2024; Song & Ermon's geometric sigmas):
+    sigma(t) = sigma_min^(1-t) sigma_max^t, sigma'(t) = sigma(t) log(sigma_max / sigma_min),
+    alpha = exp(-sigma): alpha(0) = exp(-sigma_min) < 1 and alpha(1) = exp(-sigma_max) > 0."""
+
+    name = "geometric"
+
+    def __init__(self, sigma_min: float = 1e-4, sigma_max: float = 20.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"geometric noise needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.s0, self.s1 = float(sigma_min), float(sigma_max)
+        self.log_ratio = math.log(self.s1 / self.s0)
+
+    def sigma(self, t):  # exact (no clipping needed: sigma <= sigma_max)
+        return self.s0 * torch.exp(t * self.log_ratio)
+
+    def dsigma(self, t):
+        return self.sigma(t) * self.log_ratio
+
+    def alpha(self, t):
+        return torch.exp(-self.sigma(t))
+
+    def alpha_prime(self, t):
+        return -self.dsigma(t) * self.alpha(t)
+
+    def weight(self, t):  # sigma' / (e^sigma - 1), stable for small sigma
+        s = self.sigma(t)
+        return s * self.log_ratio / torch.expm1(s)
+
+    def time_of_alpha(self, a):
+        s = -torch.log(torch.as_tensor(a, dtype=torch.float64))
+        return (torch.log(s / self.s0) / self.log_ratio).clamp(0.0, 1.0)
 
 
 SCHEDULES = {"loglinear": LogLinear, "linear": Linear, "cosine": Cosine}

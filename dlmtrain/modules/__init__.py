@@ -6,8 +6,9 @@ from dlmtrain.errors import ConfigError
 def _objectives():
     from dlmtrain.modules.ar import AR
     from dlmtrain.modules.mdlm import MDLM
+    from dlmtrain.modules.sedd import SEDD
 
-    return {"mdlm": MDLM, "ar": AR}
+    return {"mdlm": MDLM, "sedd": SEDD, "ar": AR}
 
 
 def build_module(cfg):
