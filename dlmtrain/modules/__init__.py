@@ -4,9 +4,11 @@ from dlmtrain.errors import ConfigError
 
 
 def _objectives():
+    from dlmtrain.modules.d3pm import D3PM
     from dlmtrain.modules.mdlm import MDLM
+    from dlmtrain.modules.udlm import UDLM
 
-    return {"mdlm": MDLM}
+    return {"mdlm": MDLM, "d3pm": D3PM, "udlm": UDLM}
 
 
 def build_module(cfg):

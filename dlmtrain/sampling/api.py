@@ -146,7 +146,7 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
     given = fixed_all[fixed_all >= 0]
     vocab = getattr(getattr(module, "backbone", None), "out_dim", None)
     mask_id = getattr(module, "mask_id", None)
-    if given.numel() and ((vocab is not None and given.max() >= vocab) or (given == mask_id).any()):
+    if given.numel() and ((vocab is not None and given.max() >= vocab) or (mask_id is not None and (given == mask_id).any())):
         bad = given[(given == mask_id) | (given >= (vocab or given.max() + 1))][0].item()
         raise ConfigError(f"conditioning token id {bad} is [MASK] or outside the model's vocabulary "
                           f"({vocab if vocab is not None else '?'} ids, [MASK] = {mask_id}); "
