@@ -14,7 +14,7 @@ x0-parameterized reverse step p(z_s | z_t) ∝ sum_x0 q(z_s, z_t | x0) p~(x0 | z
 - absorbing: a masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t),
   its value drawn from p~ (all that is left at the last step, alpha_s = 1). The reveal
   decisions do not depend on the network, so it is evaluated only in steps that reveal
-  something: NFE <= min(steps, free positions).
+  something: NFE <= min(steps, free positions of the batch).
 - uniform: ``diffusion.uniform.uniform_posterior_log_probs``; one evaluation per step.
 The last step (alpha_s = 1) draws the data from p(x0 | z_{t_1}), not an argmax. Temperature,
 top-k and top-p reshape p~ before it enters the step (dlmtrain/sampling/categorical.py);
