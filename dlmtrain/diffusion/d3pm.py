@@ -26,7 +26,8 @@ formulas at abar_0 = 1 reduce to it); the prior is exact. Per token:
   on [MASK], the model the same weight times p~ on the tokens, so the KL is
   (abar_{t-1} - abar_t)/(1 - abar_t) * -log p~(x0 | x_t); an unmasked x_t is x0 under both (KL 0).
   With the jsd schedule this is MDLM's discrete bound (diffusion/masked.py ``discrete_weights``).
-- uniform: ``uniform_step_kl`` (diffusion/uniform.py).
+- uniform: ``uniform_step_kl`` (diffusion/uniform.py; the optimal p~ there is the posterior of
+  x0^i given the other noisy tokens, not given all of x_t: see that module).
 Prior p(x_T) = q(x_T | x0 uniform): all-[MASK] mixed with abar_T Unif over the tokens (absorbing),
 Unif(N) (uniform). KL per token: abar_T log N (absorbing), ``uniform_prior_kl`` (uniform); both 0
 at abar_T = 0.

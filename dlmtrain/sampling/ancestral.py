@@ -21,7 +21,9 @@ top-k and top-p reshape p~ before it enters the step (dlmtrain/sampling/categori
 draws are float64 by default. Conditioning tokens (prompt, suffix, fixed) are in z from
 the start, never change, and the model sees them (for uniform-state models as tokens that
 might have been noised). Exact as steps -> infinity; at finite steps, positions move
-independently given z_t within a step.
+independently given z_t within a step. A uniform-state model trained with
+``model.document_mask`` samples each row as one document (its boundaries cannot be read off
+noisy tokens).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def run_ancestral(module, fixed: torch.Tensor, opts: SamplerOptions, rng: Rng):
         raise ConfigError(f"cfg_scale={opts.cfg_scale}: classifier-free guidance is not implemented for "
                           f"{type(module).__name__}'s ancestral sampler; set cfg_scale=0")
     dtype = torch.float64 if opts.float64 else torch.float32
+    # Under model.document_mask the backbone reads boundaries off the EOS tokens of its input,
+    # which uniform noise puts anywhere (training passed the true ones): one document per row.
+    seg = torch.zeros_like(fixed) if module.graph == "uniform" and module.cfg.model.document_mask else None
     free = fixed < 0
     times, alpha = module.reverse_grid(opts.steps)
     z = torch.where(free, _prior(module, fixed.shape, free, alpha[0].item(), rng(-1)), fixed)
@@ -61,7 +66,7 @@ def run_ancestral(module, fixed: torch.Tensor, opts: SamplerOptions, rng: Rng):
         nfe += 1
         if opts.on_nfe is not None:
             opts.on_nfe(1)
-        logp = module.denoise(z, times[k].item())
+        logp = module.denoise(z, times[k].item(), segment_ids=seg)
         return filter_log_probs(logp, opts.temperature, opts.top_k, opts.top_p, dtype=dtype)
 
     for k in range(len(times)):

@@ -123,3 +123,10 @@ def test_options_and_errors():
         sample(m, 8, L, 10, prompt_ids=[1], cfg_scale=1.0)
     with pytest.raises(ConfigError, match="not supported"):
         sample(m, 8, L, 10, sampler="first_hitting")
+    # uniform noise puts EOS anywhere: under document masking a row is sampled as one document
+    dm = module("udlm", "model.document_mask=true", "model.eos_id=2")
+    seen = []
+    forward = dm.backbone.forward
+    dm.backbone.forward = lambda z, segment_ids=None, **kw: seen.append(segment_ids) or forward(z, **kw)
+    sample(dm, 8, L, 10)
+    assert len(seen) == 10 and all(s is not None and (s == 0).all() for s in seen)
