@@ -60,7 +60,8 @@ def eval_generator(seed: int, rank: int, batch_idx: int, device) -> torch.Genera
     """The evaluation's randomness for one batch: a function of (seed, rank, batch index) only,
     so every validation draws the same times and masks, whatever the DataLoader workers."""
     g = torch.Generator(device=device)
-    g.manual_seed(((seed * 1_000_003 + 7919) * 65_537 + rank) * 1_048_576 + batch_idx)
+    # modulo 2^64 (manual_seed's range): seeds >= ~270 overflowed; smaller ones keep their draws
+    g.manual_seed((((seed * 1_000_003 + 7919) * 65_537 + rank) * 1_048_576 + batch_idx) % 2**64)
     return g
 
 

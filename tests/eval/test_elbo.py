@@ -235,3 +235,12 @@ def test_evaluate_on_batches_matches_accumulating_by_hand():
     ref = acc.summary()
     assert res["sequences"] == 16 and res["nelbo"] == ref["nelbo"] and res["nelbo_se_mc"] == ref["nelbo_se_mc"]
     assert "bpb" not in res and len(res["t_bins"]["contribution"]) == 4  # no tokenizer, no bytes
+
+
+def test_eval_generator_takes_any_seed_and_keeps_the_draws_of_small_ones():
+    from dlmtrain.eval.elbo import eval_generator
+
+    big = [torch.rand(3, generator=eval_generator(12345, r, b, "cpu")) for r, b in [(0, 0), (0, 1), (1, 0)]]
+    assert not torch.equal(big[0], big[1]) and not torch.equal(big[0], big[2])  # (seed, rank, batch) still apart
+    ref = torch.Generator().manual_seed(((7 * 1_000_003 + 7919) * 65_537 + 0) * 1_048_576 + 2)
+    assert torch.equal(torch.rand(3, generator=eval_generator(7, 0, 2, "cpu")), torch.rand(3, generator=ref))
