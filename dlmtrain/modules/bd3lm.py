@@ -68,18 +68,22 @@ class BD3LM(DiffusionModule):
         return bool(self.cfg.objective.time_conditioning)
 
     def structure(self, L: int, device) -> tuple[torch.Tensor, object]:
-        """(the [2L, 2L] boolean mask, its flex BlockMask on CUDA or None), built once per (L, device)."""
+        """(the [2L, 2L] boolean mask, its flex BlockMask on CUDA or None), built once per (L, device)
+        as ordinary tensors, also when first asked for under inference mode (validation), so that
+        training may save them for backward."""
         key = (L, str(device))
         if key not in self._structure:
-            block = None
-            if torch.device(device).type == "cuda":
-                try:
-                    from torch.nn.attention.flex_attention import create_block_mask
+            with torch.inference_mode(False):
+                block = None
+                if torch.device(device).type == "cuda":
+                    try:
+                        from torch.nn.attention.flex_attention import create_block_mask
 
-                    block = create_block_mask(mask_mod(L, self.block_size), None, None, 2 * L, 2 * L, device=device)
-                except Exception:  # noqa: BLE001 - no flex here: SDPA with the boolean mask
-                    block = None
-            self._structure[key] = (attention_mask(L, self.block_size, device), block)
+                        block = create_block_mask(mask_mod(L, self.block_size), None, None, 2 * L, 2 * L,
+                                                  device=device)
+                    except Exception:  # noqa: BLE001 - no flex here: SDPA with the boolean mask
+                        block = None
+                self._structure[key] = (attention_mask(L, self.block_size, device), block)
         return self._structure[key]
 
     def logits(self, z, x0, tau=None, attention_mask=None) -> torch.Tensor:
