@@ -110,6 +110,20 @@ class UDLMObjective:
 
 
 @dataclass
+class BD3LMObjective:
+    """Block diffusion, BD3-LM (dlmtrain/modules/bd3lm.py, math in dlmtrain/diffusion/block.py)."""
+
+    name: str = "bd3lm"
+    block_size: int = 16  # L': tokens per block (1: autoregressive, >= seq_len: one block = MDLM)
+    schedule: str = "loglinear"  # loglinear (alpha = 1 - t, BD3-LM's) | linear | cosine
+    eps: float = 1e-3  # below eps each block's bound uses a one-shot reconstruction term (diffusion/masked.py)
+    time_conditioning: bool = False  # feed each position's noise level to the backbone (adaLN per position)
+    antithetic: bool = True  # stratified block times over the global batch x blocks
+    clip_min: float = 0.0  # training only: block times ~ U[clip_min, clip_max] (BD3-LM's beta, omega; e.g. 0.3, 0.8
+    clip_max: float = 1.0  # for L' = 16). Not a bound unless [0, 1]; nelbo and val/nelbo always use [0, 1]
+
+
+@dataclass
 class ARObjective:
     """The autoregressive baseline: the backbone in causal mode (dlmtrain/modules/ar.py)."""
 
@@ -118,6 +132,7 @@ class ARObjective:
 
 OBJECTIVES: dict[str, type] = {
     "mdlm": MDLMObjective, "sedd": SEDDObjective, "d3pm": D3PMObjective, "udlm": UDLMObjective, "ar": ARObjective,
+    "bd3lm": BD3LMObjective,
 }
 ObjectiveConfig = MDLMObjective  # the default objective
 
@@ -217,6 +232,7 @@ class SamplingConfig:
     block_len: int = 32  # semi_ar: tokens per block, left to right
     inner: str = "ancestral"  # semi_ar: the sampler used inside each block
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance w: (1 + w) cond - w uncond (0: off)
+    stop_at_eos: bool = False  # bd3lm: stop once every sample drew EOS (later positions set to EOS)
 
 
 @dataclass
@@ -414,6 +430,7 @@ _OBJECTIVE_CHOICES = {
     "sedd": {"graph": ("absorb", "uniform"), "noise": ("loglinear", "geometric")},
     "d3pm": {"graph": ("absorb", "uniform"), "schedule": ("auto", "jsd", "cosine", "linear")},
     "udlm": {"schedule": ("loglinear", "linear", "cosine")},
+    "bd3lm": {"schedule": ("loglinear", "linear", "cosine")},
 }
 
 # (key, smallest allowed value): counts and sizes that must be positive (or non-negative)
@@ -459,6 +476,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"objective.eps={ob.eps} must lie in (0, 1)")
     if "T" in ob and ob.T < 1:
         raise ConfigError(f"objective.T={ob.T} must be >= 1")
+    if "block_size" in ob and ob.block_size < 1:
+        raise ConfigError(f"objective.block_size={ob.block_size} must be >= 1")
+    if "clip_min" in ob and not 0 <= ob.clip_min < ob.clip_max <= 1:
+        raise ConfigError(f"objective.clip_min={ob.clip_min}, clip_max={ob.clip_max}: need 0 <= clip_min < clip_max <= 1")
     if "random_length_fraction" in ob and not 0 <= ob.random_length_fraction <= 1:
         raise ConfigError(f"objective.random_length_fraction={ob.random_length_fraction} must lie in [0, 1]")
     o = cfg.optim

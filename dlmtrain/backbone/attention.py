@@ -12,6 +12,14 @@ Two backends compute the same thing:
 ``auto`` picks flash when flash-attn is importable, the tensors are fp16/bf16 on
 CUDA and there is no arbitrary mask; otherwise sdpa.
 
+A structured ``attn_mask`` may come with a ``block_mask``: a
+:class:`torch.nn.attention.flex_attention.BlockMask` of the same mask (the caller's
+promise; e.g. block diffusion's, dlmtrain/diffusion/block.py). Under ``auto`` on CUDA,
+with no other mask and no dropout, compiled ``flex_attention`` then runs instead of SDPA:
+it skips the fully masked tiles and never builds the L x L mask. Everywhere else (CPU,
+where flex_attention has no backward; padding; dropout; ``sdpa`` chosen; a failed
+compile, reported once) SDPA with ``attn_mask`` computes the same thing.
+
 Masking inputs (all optional, combined with AND):
   causal            query i sees keys j <= i
   segment_ids       [B, L] int; a query sees only keys of its own segment (packed
@@ -43,6 +51,18 @@ def _flash_attn():
     return flash_attn
 
 
+_FLEX = {"fn": None, "failed": False}
+
+
+def _flex_attention():
+    """flex_attention compiled once per process (eager flex materialises the scores)."""
+    if _FLEX["fn"] is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
 def flash_available() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -58,7 +78,8 @@ class AttentionPlan:
     the first call and reused, so a 24-layer model builds them once, not 24 times.
     """
 
-    def __init__(self, *, causal=False, segment_ids=None, key_padding_mask=None, attn_mask=None, backend="auto"):
+    def __init__(self, *, causal=False, segment_ids=None, key_padding_mask=None, attn_mask=None, backend="auto",
+                 block_mask=None):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
         if attn_mask is not None and attn_mask.dtype != torch.bool:
@@ -70,6 +91,7 @@ class AttentionPlan:
         self.key_padding_mask = key_padding_mask
         self.attn_mask = attn_mask
         self.backend = backend
+        self.block_mask = block_mask  # flex_attention's form of attn_mask (see the module docstring)
         self._sdpa_mask = None  # built lazily
         self._varlen = None
 
@@ -84,8 +106,20 @@ class AttentionPlan:
         ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and self.attn_mask is None
         return "flash" if ok and flash_available() else "sdpa"
 
+    def use_flex(self, q, dropout_p: float = 0.0) -> bool:
+        return (self.block_mask is not None and self.backend == "auto" and q.is_cuda and dropout_p == 0.0
+                and not self.causal and self.segment_ids is None and self.key_padding_mask is None
+                and not _FLEX["failed"])
+
     def __call__(self, q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
         """q, k, v: [B, H, L, D] -> [B, H, L, D]."""
+        if self.use_flex(q, dropout_p):
+            try:
+                return _flex_attention()(q, k, v, block_mask=self.block_mask)
+            except Exception as e:  # noqa: BLE001 - an unsupported shape/dtype/toolchain: SDPA computes the same
+                _FLEX["failed"] = True
+                print(f"[dlmtrain] WARNING: flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "using SDPA with the boolean mask from now on", flush=True)
         if self.choose_backend(q) == "flash":
             return self._flash(q, k, v, dropout_p)
         return self._sdpa(q, k, v, dropout_p)
@@ -159,8 +193,8 @@ class AttentionPlan:
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, key_padding_mask=None, attn_mask=None,
-              backend="auto", dropout_p=0.0) -> torch.Tensor:
+              backend="auto", dropout_p=0.0, block_mask=None) -> torch.Tensor:
     """Attention over q, k, v [B, H, L, D] with every mask combined; see the module docstring."""
     plan = AttentionPlan(causal=causal, segment_ids=segment_ids, key_padding_mask=key_padding_mask,
-                         attn_mask=attn_mask, backend=backend)
+                         attn_mask=attn_mask, backend=backend, block_mask=block_mask)
     return plan(q, k, v, dropout_p)

@@ -49,6 +49,13 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def adaln(linear: nn.Module, c: torch.Tensor, n: int):
+    """The n modulation tensors of conditioning c: [B, cond] -> n x [B, 1, C] (one per row),
+    [B, L, cond] -> n x [B, L, C] (one per position)."""
+    out = linear(c)
+    return (out[:, None] if out.dim() == 2 else out).chunk(n, dim=-1)
+
+
 class Rotary(nn.Module):
     """Rotary position embeddings (RoFormer, Su et al. 2021), rotate-half layout.
 
@@ -92,7 +99,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class TimeEmbedding(nn.Module):
-    """sigma [B] -> sinusoidal features -> MLP -> [B, cond_dim].
+    """sigma [B] (or [B, L], one per position) -> sinusoidal features -> MLP -> [B(, L), cond_dim].
 
     sigma is embedded as given (frequencies 1 ... 1e-4 rad per unit); objectives choose
     whether they pass t in [0, 1] or a noise level.
@@ -106,7 +113,7 @@ class TimeEmbedding(nn.Module):
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device).float() / half)
-        args = sigma.float()[:, None] * freqs
+        args = sigma.float()[..., None] * freqs
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
         if self.dim % 2:
             emb = F.pad(emb, (0, 1))
@@ -172,7 +179,7 @@ class Block(nn.Module):
         if self.ada is None:
             x = x + self.attn(self.norm1(x), rope, plan)
             return x + self.mlp(self.norm2(x))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln(self.ada, c, 6)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, plan)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -240,13 +247,17 @@ class Backbone(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     def forward(self, input_ids=None, *, inputs_embeds=None, sigma=None, segment_ids=None,
-                attention_mask=None, attn_mask=None, position_ids=None, cache=None, commit=True) -> torch.Tensor:
+                attention_mask=None, attn_mask=None, position_ids=None, cache=None, commit=True,
+                block_mask=None, out_positions: slice | None = None) -> torch.Tensor:
         """See the class docstring; the masks combine with AND (see attention.py).
 
-        input_ids [B, L] or inputs_embeds [B, L, hidden] (exactly one); sigma [B] (used iff
-        use_cond); segment_ids [B, L]; attention_mask [B, L] bool (True = real token);
-        attn_mask bool broadcastable to [B, H, L, L] (True = may attend); position_ids
-        [B, L] (rotary positions; default 0..L-1).
+        input_ids [B, L] or inputs_embeds [B, L, hidden] (exactly one); sigma [B], or [B, L] for
+        a noise level per position (used iff use_cond); segment_ids [B, L]; attention_mask
+        [B, L] bool (True = real token); attn_mask bool broadcastable to [B, H, L, L] (True =
+        may attend); block_mask: the same mask as a flex_attention BlockMask (a fast path on
+        CUDA, attention.py); position_ids [L] or [B, L] (rotary positions; default 0..L-1;
+        repeats allowed); out_positions: only these positions go through the output norm and
+        head (the logits of the others are not needed, e.g. block diffusion's clean copy).
 
         cache: a :class:`~dlmtrain.backbone.kv_cache.KVCache`; the L positions are then the next
         ones after those it holds (kv_cache.py), attn_mask is over [B, H, L, cached + L] and
@@ -254,7 +265,7 @@ class Backbone(nn.Module):
         """
         if cache is not None:
             return self._forward_cached(input_ids, inputs_embeds, sigma, attn_mask, cache, commit,
-                                        segment_ids, attention_mask, position_ids)
+                                        segment_ids, attention_mask, position_ids, block_mask, out_positions)
         x, c = self._embed(input_ids, inputs_embeds, sigma)
         B, L, _ = x.shape
 
@@ -265,12 +276,15 @@ class Backbone(nn.Module):
                 raise ValueError("model.document_mask needs model.eos_id >= 0 (or pass segment_ids)")
             segment_ids = segment_ids_from_eos(input_ids, self.eos_id)
         plan = AttentionPlan(causal=self.causal, segment_ids=segment_ids, key_padding_mask=attention_mask,
-                             attn_mask=attn_mask, backend=self.backend)
+                             attn_mask=attn_mask, backend=self.backend, block_mask=block_mask)
         rope = self.rotary(L, x.device, position_ids)
 
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, plan, c)
+        if out_positions is not None:
+            x = x[:, out_positions]
+            c = c[:, out_positions] if c is not None and c.dim() == 3 else c
         return self._out(x, c)
 
     def _embed(self, input_ids, inputs_embeds, sigma):
@@ -281,14 +295,15 @@ class Backbone(nn.Module):
         if self.use_cond:
             if sigma is None:
                 raise ValueError("this backbone is time-conditioned (use_cond=True): pass sigma [B]")
-            sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+            sigma = torch.as_tensor(sigma, device=x.device)
+            sigma = sigma.expand(x.shape[:2]) if sigma.dim() == 2 else sigma.reshape(-1).expand(x.shape[0])
             c = F.silu(self.time(sigma))
         return x, c
 
     def _out(self, x, c):
         x = self.norm(x)
         if self.final_ada is not None:
-            shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
+            shift, scale = adaln(self.final_ada, c, 2)
             x = modulate(x, shift, scale)
         return self.head(x)
 

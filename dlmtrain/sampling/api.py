@@ -125,7 +125,7 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
            suffix_ids=None, fixed=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
            float64: bool = True, cache: bool = True, confidence: str = "max_prob", block_len: int = 32,
            inner: str = "ancestral", cfg_scale: float = 0.0, tokenizer=None, batch_size: int | None = None,
-           device=None, progress: bool = False) -> SampleResult:
+           device=None, progress: bool = False, stop_at_eos: bool = False) -> SampleResult:
     """Draw ``num_samples`` sequences of ``seq_len`` tokens with the objective's ``sampler``.
 
     Conditioning: ``prompt_ids`` fill the first positions, ``suffix_ids`` the last ones,
@@ -135,9 +135,13 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
     unsupervised classifier-free guidance (1 + w) cond - w uncond, where the unconditional
     pass sees the conditioning tokens masked (needs some conditioning). ``batch_size``:
     samples drawn together (None: all). ``device``: where to run (None: the module's; the
-    module is moved there and back)."""
+    module is moved there and back). ``stop_at_eos``: stop once every row has drawn EOS, later
+    positions set to EOS (samplers that generate left to right in blocks: bd3lm)."""
     _check(num_samples, seq_len, steps, temperature, top_k, top_p, cfg_scale, block_len, batch_size, confidence)
     fn = get_sampler(module, sampler)
+    if stop_at_eos and not getattr(fn, "stops_at_eos", False):
+        raise ConfigError(f"stop_at_eos is not supported by {type(module).__name__}'s {sampler} sampler "
+                          "(it fills all positions at once); set stop_at_eos=false")
     if sampler == "semi_ar":
         allowed = [s for s in supported_samplers(module) if s != "semi_ar"]
         if inner not in allowed:
@@ -166,7 +170,8 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
         bar = tqdm(desc=f"sampling ({sampler})", unit="nfe", leave=False)
     opts = SamplerOptions(steps=int(steps), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                           float64=bool(float64), cache=bool(cache), confidence=confidence, block_len=int(block_len),
-                          inner=inner, cfg_scale=float(cfg_scale), on_nfe=bar.update if bar is not None else None)
+                          inner=inner, cfg_scale=float(cfg_scale), stop_at_eos=bool(stop_at_eos),
+                          on_nfe=bar.update if bar is not None else None)
     was_training = module.training
     ema = getattr(module, "ema", None)
     outs, nfes = [], []
@@ -199,7 +204,7 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
 
 
 _CONFIG_KEYS = ("sampler", "steps", "temperature", "top_k", "top_p", "float64", "cache", "confidence",
-                "block_len", "inner", "cfg_scale")
+                "block_len", "inner", "cfg_scale", "stop_at_eos")
 
 
 def sample_from_config(module, cfg_sampling, num_samples: int, seq_len: int, **kwargs) -> SampleResult:

@@ -60,6 +60,7 @@ class SamplerOptions:
     block_len: int = 32
     inner: str = "ancestral"
     cfg_scale: float = 0.0
+    stop_at_eos: bool = False  # samplers that can (block diffusion) stop once every row drew EOS
     on_nfe: Callable[[int], None] | None = None  # progress hook: called with each evaluation's count
 
 
