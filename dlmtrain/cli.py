@@ -33,6 +33,7 @@ examples:
   dlmtrain train configs/demo.yaml                           # a tiny MDLM on the embedded corpus (CPU)
   dlmtrain train configs/demo.yaml model=small trainer=gpu optim.lr=1e-3
   dlmtrain train configs/demo.yaml data.manifest=data/web/manifest.json run.name=web
+  dlmtrain sweep configs/sweeps/lr.yaml --dry-run             # list the runs of a sweep; drop --dry-run to run them
   dlmtrain bench model --size small --seq-len 1024 --batch-size 16
 
 prepare your own data first (text, JSONL, Parquet -> tokenized shards + manifest):
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Draw samples from a checkpoint and print them (EMA weights unless --raw).")
     evalcmd.add_sample_arguments(sa)
     sa.set_defaults(func=evalcmd.run_sample)
+
+    from dlmtrain import sweep as sweepcmd
+
+    sw = sub.add_parser("sweep", help="run a grid / random search over config overrides, or summarize it",
+                        description="Expand a sweep file into runs (validated before the first starts) and run them "
+                        "one after another; --dry-run lists them, --summary tabulates their final metrics.")
+    sweepcmd.add_arguments(sw)
+    sw.set_defaults(func=sweepcmd.run_command)
 
     be = sub.add_parser("bench", help="benchmarks (model throughput/MFU, data loader)")
     bsub = be.add_subparsers(dest="bench", required=True)
