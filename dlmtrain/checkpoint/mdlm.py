@@ -12,7 +12,7 @@ Two source layouts, both holding their DiT under the prefix ``backbone.``:
   hidden_dim, n_blocks, n_heads, cond_dim, vocab_size, time_conditioning) and
   ``model.safetensors`` or ``pytorch_model.bin``.
 
-Their DiT (models/dit.py), as named config data here (``MDLM_MODEL``; configs/model/mdlm_dit.yaml):
+Their DiT (models/dit.py), as named config data here (configs/model/mdlm_dit.yaml):
 LayerNorm without bias, eps 1e-5 (``norm_eps``); qkv and attention output without bias; a GELU-tanh
 MLP of exactly 4 x hidden with biases (``mlp_width``, ``mlp_bias``); rotary embeddings in the
 rotate-half layout with base 10000 on q and k (what our Rotary does); adaLN with one linear per
@@ -39,12 +39,9 @@ from pathlib import Path
 
 from dlmtrain.errors import ConfigError
 
-# Our backbone options that make it compute their DiT (sizes come from the source).
-MDLM_MODEL = {
-    "name": "mdlm_dit", "mlp": "gelu", "norm": "layernorm", "norm_eps": 1e-5, "mlp_bias": True, "head_bias": True,
-    "time_freq_dim": 256, "rope_theta": 10000.0, "tie_weights": False, "dropout": 0.0, "document_mask": False,
-    "causal": False,
-}
+# Our backbone options that make it compute their DiT live in configs/model/mdlm_dit.yaml (named
+# config data); the importer picks that file and sets the sizes it reads from the weights.
+MODEL_CONFIG = "mdlm_dit"
 
 # their name (after "backbone.") -> ours (after "backbone."); {i} = block index
 _BLOCK = {
@@ -227,13 +224,13 @@ def import_mdlm(src: str | Path, ema: bool = True, tokenizer: str | None = None,
     mask_id = tok.mask_id if tok is not None and tok.mask_id is not None else V - 1
     if tok is not None and tok.vocab_size > V:
         raise ConfigError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens, more than the model's {V}")
-    model = {**MDLM_MODEL, "vocab_size": V - 1 if mask_id == V - 1 else V, "mask_id": mask_id,
+    model = {"vocab_size": V - 1 if mask_id == V - 1 else V, "mask_id": mask_id,
              "hidden_size": hidden, "n_layers": n_layers, "n_heads": int(facts["n_heads"]),
              "cond_dim": t0.shape[0], "time_freq_dim": t0.shape[1], "mlp_width": state["blocks.0.mlp.0.weight"].shape[0],
              "adaln_always": not facts["time_conditioning"]}
     if tok is not None:
         model["eos_id"] = tok.eos_id
-    dotted = [f"model.{k}={v}" for k, v in model.items()] + [
+    dotted = [f"model={MODEL_CONFIG}"] + [f"model.{k}={v}" for k, v in model.items()] + [
         "objective=mdlm", "objective.schedule=loglinear", f"objective.eps={facts['eps']}",
         f"objective.time_conditioning={facts['time_conditioning']}", "run.name=mdlm-import"]
     if data:
