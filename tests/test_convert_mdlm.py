@@ -133,8 +133,10 @@ def test_import_to_lightning_then_bf16_export(tmp_path):
     assert _max_diff(module, ema, False) < TOL
     assert main(["convert", str(tmp_path / "their.ckpt"), str(tmp_path / "bf16"), "--from", "mdlm",
                  "--to", "safetensors", "--dtype", "bf16"]) == 0
-    # bf16 weights (8 mantissa bits) through 2 blocks: logits within 0.1 of |logits| ~ 5 (measured ~2e-2)
-    assert _max_diff(dlmtrain.load_pretrained(tmp_path / "bf16"), ema, False) < 0.1
+    # bf16 weights (8 mantissa bits) through 2 blocks of random weights: logits ~ 5 within 0.1 (measured 3.9e-2)
+    d = _max_diff(dlmtrain.load_pretrained(tmp_path / "bf16"), ema, False)
+    print(f"max |logit diff| bf16 export: {d:.2e}")
+    assert d < 0.1
 
 
 def test_missing_classes_in_their_pickle_and_sampling_with_their_tokenizer(tmp_path, capsys):
