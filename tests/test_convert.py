@@ -140,6 +140,7 @@ def _write_deepspeed_like(d):
     ("ckpt_to_lightning", "--to lightning converts an export directory"),
     ("dlmtrain_as_mdlm", "is a dlmtrain checkpoint, not an MDLM one"),
     ("plain_dir", "not written by dlmtrain convert"),
+    ("mismatch", "the weights do not match the model its config describes"),
 ])
 def test_bad_inputs_are_one_line_exit_2_nothing_written(run, tmp_path, capsys, case, needle):
     ckpt, _ = run
@@ -165,6 +166,11 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(run, tmp_path, capsys, c
         src.mkdir()
         (src / "config.json").write_text("{}")
         (src / "model.safetensors").write_bytes(b"")
+    elif case == "mismatch":  # a dlmtrain checkpoint whose weights are of another architecture
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ck["state_dict"]["backbone.embed.weight"] = torch.zeros(7, 3)
+        src = tmp_path / "mismatch.ckpt"
+        torch.save(ck, src)
     before = sorted(os.listdir(tmp_path))
     assert main(["convert", str(src), str(dst), *extra]) == 2
     err = capsys.readouterr().err
@@ -190,16 +196,16 @@ def test_force_replaces_an_export_only(run, tmp_path, capsys):
 def test_tied_head_is_stored_once_and_restored(run, tmp_path):
     from safetensors import safe_open
 
-    from dlmtrain.checkpoint.export import write_export
+    from dlmtrain.checkpoint.export import cast_state, write_export
 
     ckpt, manifest = run
     cfg = load_config("configs/demo.yaml", [f"data.manifest={manifest}", "model.tie_weights=true", "model.vocab_size=300"])
     module = dlmtrain.build_module(cfg).eval()
-    write_export(tmp_path / "tied", module.state_dict(), dict(__import__("omegaconf").OmegaConf.to_container(cfg)),
+    write_export(tmp_path / "tied", cast_state(module.state_dict(), "bf16"), dict(__import__("omegaconf").OmegaConf.to_container(cfg)),
                  {"weights": "raw", "dtype": "fp32", "step": 0, "seq_len": 32})
     with safe_open(str(tmp_path / "tied" / "model.safetensors"), "pt") as f:
         assert "backbone.head.weight" not in f.keys() and "backbone.embed.weight" in f.keys()
     back = dlmtrain.load_pretrained(tmp_path / "tied")
     assert back.backbone.head.weight.data_ptr() == back.backbone.embed.weight.data_ptr()
     ids = _batch(300)
-    assert torch.equal(_nelbo(back, ids), _nelbo(module, ids))
+    assert torch.allclose(_nelbo(back, ids), _nelbo(module, ids), rtol=1e-3, atol=0)  # bf16, stored once

@@ -107,6 +107,7 @@ def test_imported_nelbo_equals_bound_under_their_network(tmp_path, tc):
     raw, _ = _their_ckpt(tmp_path / "their.ckpt", tc, with_ema=False)
     assert main(["convert", str(tmp_path / "their.ckpt"), str(tmp_path / "exp"), "--from", "mdlm", "--to", "safetensors"]) == 0
     module = dlmtrain.load_pretrained(tmp_path / "exp")
+    assert module.weights == "raw"  # no EMA in the file: the raw weights, said so
     ids = torch.randint(0, V - 1, (3, 24), generator=torch.Generator().manual_seed(8))  # clean data: no mask ids
     with torch.no_grad():
         ours = module.nelbo(ids, num_samples=4, generator=torch.Generator().manual_seed(9))

@@ -158,7 +158,14 @@ def cast_state(state: dict, dtype: str) -> dict:
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     target = getattr(torch, DTYPES[dtype])
-    return {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
+    done: dict = {}  # tensors sharing storage (a tied head) stay shared after the cast, so they are stored once
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if key not in done:
+            done[key] = v.to(target) if v.is_floating_point() else v
+        out[k] = done[key]
+    return out
 
 
 def data_tokenizer(cfg, data: str | None = None):
