@@ -183,6 +183,7 @@ def test_missing_classes_in_their_pickle_and_sampling_with_their_tokenizer(tmp_p
     ("other_arch", "not a checkpoint of MDLM's DiT"),
     ("hf_other", "not an MDLM Hugging Face config"),
     ("no_heads", "number of attention heads"),
+    ("bert_tokenizer", "pass --tokenizer"),
 ])
 def test_refusals_are_one_line_exit_2_nothing_written(tmp_path, capsys, case, needle):
     src = tmp_path / "src.ckpt"
@@ -194,6 +195,8 @@ def test_refusals_are_one_line_exit_2_nothing_written(tmp_path, capsys, case, ne
         src = tmp_path / "bert"
         src.mkdir()
         (src / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    elif case == "bert_tokenizer":  # their LM1B models: bert-base-uncased, [MASK] = 103, not the last id
+        _their_ckpt(src, False, data={"tokenizer_name_or_path": "bert-base-uncased"})
     elif case == "no_heads":
         src = tmp_path / "hf"
         _their_hf(src, False, "safetensors")
@@ -205,3 +208,20 @@ def test_refusals_are_one_line_exit_2_nothing_written(tmp_path, capsys, case, ne
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_tokenizer_with_its_own_mask_token(tmp_path):
+    """Their LM1B models use bert-base-uncased, whose [MASK] (103) sits inside the vocabulary: the mask id
+    then comes from the tokenizer and every id is a data token (vocab_size = rows of the embedding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    raw, ema = _their_ckpt(tmp_path / "their.ckpt", False, data={"tokenizer_name_or_path": "bert-base-uncased"})
+    words = ["[PAD]", "[SEP]", "w2", "[MASK]"] + [f"w{i}" for i in range(4, V)]  # V tokens, [MASK] = 3
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert main(["convert", str(tmp_path / "their.ckpt"), str(tmp_path / "exp"), "--from", "mdlm", "--to", "safetensors",
+                 "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    module = dlmtrain.load_pretrained(tmp_path / "exp")
+    assert module.mask_id == 3 and module.cfg.model.vocab_size == V and module.cfg.model.eos_id == 1
+    assert module.tokenizer.mask_id == 3 and _max_diff(module, ema, False) < TOL

@@ -133,7 +133,8 @@ def _read_ckpt(path: Path) -> tuple[dict, dict | None, dict]:
                               "mdlm objective exactly)")
     facts = {"n_heads": sel("model.n_heads"), "time_conditioning": bool(sel("time_conditioning", False)),
              "eps": float(sel("training.sampling_eps", 1e-3)), "step": int(ck.get("global_step", 0)),
-             "T": int(sel("T", 0) or 0), "seq_len": sel("model.length")}
+             "T": int(sel("T", 0) or 0), "seq_len": sel("model.length"),
+             "tokenizer_name": sel("data.tokenizer_name_or_path")}
     raw = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     ema = ck.get("ema")
     return raw, ema if isinstance(ema, dict) and ema.get("shadow_params") else None, facts
@@ -221,6 +222,10 @@ def import_mdlm(src: str | Path, ema: bool = True, tokenizer: str | None = None,
         from dlmtrain.data.tokenizer import load_hf
 
         tok = load_hf(tokenizer)
+    name = str(facts.get("tokenizer_name") or "gpt2")
+    if tok is None and "gpt2" not in name.lower():  # e.g. bert-base-uncased (LM1B) has its own [MASK] id
+        raise ConfigError(f"{src} was trained with the tokenizer {name}, whose [MASK] id is not the last id; pass "
+                          "--tokenizer (its tokenizer.json) so the mask id and special tokens are read from it")
     mask_id = tok.mask_id if tok is not None and tok.mask_id is not None else V - 1
     if tok is not None and tok.vocab_size > V:
         raise ConfigError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens, more than the model's {V}")
