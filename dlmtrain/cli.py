@@ -1,4 +1,4 @@
-"""`dlmtrain train|eval|sample|convert|bench`: the one entry point.
+"""`dlmtrain train|eval|sample|sweep|convert|bench`: the one entry point.
 
 User mistakes (dlmtrain.errors.UserError) end with one line on stderr and their
 exit code (2 for bad input); everything else is a bug and keeps its traceback.
