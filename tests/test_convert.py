@@ -209,3 +209,23 @@ def test_tied_head_is_stored_once_and_restored(run, tmp_path):
     assert back.backbone.head.weight.data_ptr() == back.backbone.embed.weight.data_ptr()
     ids = _batch(300)
     assert torch.allclose(_nelbo(back, ids), _nelbo(module, ids), rtol=1e-3, atol=0)  # bf16, stored once
+
+
+def test_resume_from_a_checkpoint_older_than_the_new_model_options(run):
+    """Checkpoints written before model.norm_eps & co. existed resume: absent keys compare as their defaults."""
+    import yaml
+
+    from dlmtrain.checkpoint.files import CheckpointInfo
+    from dlmtrain.config import config_from_resolved
+    from dlmtrain.train import check_resume_config
+
+    ckpt, _ = run
+    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    old = yaml.safe_load(ck["dlmtrain_config"])
+    for key in ("norm_eps", "mlp_width", "mlp_bias", "head_bias", "time_freq_dim", "adaln_always"):
+        del old["model"][key]
+    cfg = config_from_resolved(ck["dlmtrain_config"])
+    check_resume_config(cfg, CheckpointInfo(ckpt, 6, yaml.safe_dump(old)), say=lambda *a, **k: None)
+    old["model"]["norm_eps"] = 1e-5  # a real change is still refused
+    with pytest.raises(dlmtrain.errors.ConfigError, match="model.norm_eps"):
+        check_resume_config(cfg, CheckpointInfo(ckpt, 6, yaml.safe_dump(old)), say=lambda *a, **k: None)
