@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from dlmtrain import load_config
 from dlmtrain.checkpoint import load_checkpoint
 from dlmtrain.cli import main
 from dlmtrain.train import train
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
