@@ -19,4 +19,12 @@ def load_checkpoint(path, ema: bool = True, map_location="cpu", overrides=None):
     return _load(path, ema=ema, map_location=map_location, overrides=overrides)
 
 
-__all__ = ["load_config", "build_module", "load_checkpoint", "__version__"]
+def load_pretrained(path, map_location="cpu", dtype=None, overrides=None):
+    """The module stored in an export directory (``dlmtrain convert CKPT DST --to safetensors``), in
+    eval mode, with ``module.tokenizer`` attached (see dlmtrain/checkpoint/export.py)."""
+    from dlmtrain.checkpoint.export import load_pretrained as _load
+
+    return _load(path, map_location=map_location, dtype=dtype, overrides=overrides)
+
+
+__all__ = ["load_config", "build_module", "load_checkpoint", "load_pretrained", "__version__"]

@@ -1,4 +1,4 @@
-"""`dlmtrain train|bench`: the one entry point.
+"""`dlmtrain train|eval|sample|sweep|convert|bench`: the one entry point.
 
 User mistakes (dlmtrain.errors.UserError) end with one line on stderr and their
 exit code (2 for bad input); everything else is a bug and keeps its traceback.
@@ -40,6 +40,8 @@ prepare your own data first (text, JSONL, Parquet -> tokenized shards + manifest
   python -m data_prep corpus/ --out data/web --train-tokenizer --vocab-size 32768 --seq-len 1024
 
 load a trained model in Python:  dlmtrain.load_checkpoint("runs/demo/checkpoints/last.ckpt")
+export it (safetensors + config + tokenizer):  dlmtrain convert runs/demo/checkpoints/last.ckpt export/demo --to safetensors
+  then  dlmtrain.load_pretrained("export/demo")
 """
 
 
@@ -83,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "one after another; --dry-run lists them, --summary tabulates their final metrics.")
     sweepcmd.add_arguments(sw)
     sw.set_defaults(func=sweepcmd.run_command)
+
+    from dlmtrain.checkpoint import convert as convcmd
+
+    cv = sub.add_parser("convert", help="checkpoint conversion: .ckpt <-> export directory (safetensors), MDLM import",
+                        description="Convert checkpoints: a dlmtrain .ckpt to an export directory (model.safetensors, "
+                        "config.json, tokenizer) and back to a trainable .ckpt; import MDLM checkpoints (--from mdlm).",
+                        epilog=convcmd.__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    convcmd.add_convert_arguments(cv)
+    cv.set_defaults(func=convcmd.run_convert)
 
     be = sub.add_parser("bench", help="benchmarks (model throughput/MFU, data loader)")
     bsub = be.add_subparsers(dest="bench", required=True)

@@ -55,6 +55,15 @@ class ModelConfig:
     causal: bool = False  # causal attention; objective ar always sets it (see _implied)
     attn_backend: str = "auto"  # auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash
     init_std: float = 0.02
+    # Options that reproduce other codebases' networks exactly (e.g. MDLM's DiT, imported by
+    # `dlmtrain convert --from mdlm`; see configs/model/mdlm_dit.yaml). Defaults are ours.
+    norm_eps: float = 1e-6  # LayerNorm/RMSNorm epsilon (MDLM: 1e-5, torch's LayerNorm default)
+    mlp_width: int = 0  # MLP hidden width; 0: mlp_ratio * hidden_size rounded up to a multiple of 64
+    mlp_bias: bool = False  # biases in the MLP's two linears (MDLM: true)
+    head_bias: bool = False  # a bias in the output head (MDLM: true)
+    time_freq_dim: int = 0  # sinusoidal features of the noise level before the time MLP; 0: cond_dim (MDLM: 256)
+    adaln_always: bool = False  # adaLN layers even when the objective feeds no noise level; they then get
+    #                             sigma = 0, a learned constant modulation (MDLM's DiT with time_conditioning=False)
 
 
 # One typed section per objective: `objective.name` picks the schema, so an option of another
@@ -435,7 +444,8 @@ _OBJECTIVE_CHOICES = {
 
 # (key, smallest allowed value): counts and sizes that must be positive (or non-negative)
 _AT_LEAST = {
-    "model.hidden_size": 1, "model.n_layers": 1, "model.n_heads": 1, "model.cond_dim": 1,
+    "model.hidden_size": 1, "model.n_layers": 1, "model.n_heads": 1, "model.cond_dim": 1, "model.mlp_width": 0,
+    "model.time_freq_dim": 0,
     "trainer.max_steps": 1, "trainer.global_batch_size": 1, "trainer.micro_batch_size": 0, "trainer.num_nodes": 1,
     "trainer.val_every_n_steps": 1, "trainer.ckpt_every_n_steps": 1, "trainer.log_every_n_steps": 1,
     "trainer.print_every_n_steps": 1, "trainer.limit_val_batches": 0, "trainer.save_top_k": 0, "trainer.seed": 0,
@@ -466,6 +476,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.n_heads={m.n_heads}")
     if (m.hidden_size // m.n_heads) % 2:
         raise ConfigError("model.hidden_size / model.n_heads must be even (rotary embeddings rotate pairs)")
+    if m.norm_eps <= 0:
+        raise ConfigError(f"model.norm_eps={m.norm_eps} must be positive")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1)")
     ob = cfg.objective

@@ -32,16 +32,24 @@ def segment_ids_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return is_eos.cumsum(-1) - is_eos
 
 
+def _opt(cfg, name: str, default):
+    """An optional model setting (cfg may be a dataclass, a DictConfig or a plain namespace)."""
+    return getattr(cfg, name, default)
+
+
 def ffn_width(cfg) -> int:
-    """MLP hidden width: mlp_ratio * hidden_size rounded up to a multiple of 64."""
+    """MLP hidden width: ``mlp_width`` if set, else mlp_ratio * hidden_size rounded up to a multiple of 64."""
+    if _opt(cfg, "mlp_width", 0):
+        return int(cfg.mlp_width)
     return 64 * math.ceil(cfg.mlp_ratio * cfg.hidden_size / 64)
 
 
 def make_norm(cfg) -> nn.Module:
+    eps = float(_opt(cfg, "norm_eps", 1e-6))
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=1e-6)
+        return nn.RMSNorm(cfg.hidden_size, eps=eps)
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=1e-6, bias=False)
+        return nn.LayerNorm(cfg.hidden_size, eps=eps, bias=False)
     raise ValueError(f"model.norm={cfg.norm!r} is not one of: rmsnorm, layernorm")
 
 
@@ -101,14 +109,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class TimeEmbedding(nn.Module):
     """sigma [B] (or [B, L], one per position) -> sinusoidal features -> MLP -> [B(, L), cond_dim].
 
-    sigma is embedded as given (frequencies 1 ... 1e-4 rad per unit); objectives choose
-    whether they pass t in [0, 1] or a noise level.
+    sigma is embedded as given (freq_dim / 2 frequencies 1 ... 1e-4 rad per unit, cos then sin,
+    as in DiT); objectives choose whether they pass t in [0, 1] or a noise level.
     """
 
-    def __init__(self, cond_dim: int):
+    def __init__(self, cond_dim: int, freq_dim: int = 0):
         super().__init__()
-        self.dim = cond_dim
-        self.mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.dim = freq_dim or cond_dim
+        self.mlp = nn.Sequential(nn.Linear(self.dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
@@ -148,9 +156,9 @@ class MLP(nn.Module):
         if cfg.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"model.mlp={cfg.mlp!r} is not one of: swiglu, gelu")
         self.gated = cfg.mlp == "swiglu"
-        width = ffn_width(cfg)
-        self.up = nn.Linear(cfg.hidden_size, (2 if self.gated else 1) * width, bias=False)
-        self.down = nn.Linear(width, cfg.hidden_size, bias=False)
+        width, bias = ffn_width(cfg), bool(_opt(cfg, "mlp_bias", False))
+        self.up = nn.Linear(cfg.hidden_size, (2 if self.gated else 1) * width, bias=bias)
+        self.down = nn.Linear(width, cfg.hidden_size, bias=bias)
         self.down.residual = True  # scaled init
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -190,7 +198,8 @@ class VocabHead(nn.Linear):
     def forward(self, x):
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32 (float64 stays float64)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.to(dtype), self.weight.to(dtype))
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
 
 class Backbone(nn.Module):
@@ -199,7 +208,9 @@ class Backbone(nn.Module):
     Args:
         cfg: a ModelConfig-like object (dataclass or DictConfig; attributes are read).
         vocab_size: rows of the token embedding (including objective-added ids such as [MASK]).
-        use_cond: build adaLN-Zero conditioning on ``sigma``.
+        use_cond: build adaLN-Zero conditioning on ``sigma``. With ``cfg.adaln_always`` it is built
+            anyway and, when the objective passes no sigma, gets sigma = 0 (a constant
+            modulation: MDLM's DiT trained with time_conditioning=False).
         out_dim: output width (default vocab_size). Tied to the embedding only when
             ``cfg.tie_weights`` and ``out_dim == vocab_size``.
     """
@@ -208,6 +219,9 @@ class Backbone(nn.Module):
         super().__init__()
         if cfg.hidden_size % cfg.n_heads or (cfg.hidden_size // cfg.n_heads) % 2:
             raise ValueError(f"hidden_size={cfg.hidden_size} must split into n_heads={cfg.n_heads} heads of even width")
+        # adaln_always: MDLM zeroes sigma when not time-conditioned but keeps the adaLN layers
+        self.zero_sigma = not use_cond and bool(_opt(cfg, "adaln_always", False))
+        use_cond = use_cond or self.zero_sigma
         self.cfg, self.vocab_size, self.use_cond = cfg, vocab_size, use_cond
         self.out_dim = out_dim or vocab_size
         self.causal, self.document_mask, self.eos_id = bool(cfg.causal), bool(cfg.document_mask), int(cfg.eos_id)
@@ -215,12 +229,12 @@ class Backbone(nn.Module):
 
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg.hidden_size // cfg.n_heads, cfg.rope_theta)
-        self.time = TimeEmbedding(cfg.cond_dim) if use_cond else None
+        self.time = TimeEmbedding(cfg.cond_dim, int(_opt(cfg, "time_freq_dim", 0))) if use_cond else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, use_cond) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size) if use_cond else None
-        self.head = VocabHead(cfg.hidden_size, self.out_dim, bias=False)
+        self.head = VocabHead(cfg.hidden_size, self.out_dim, bias=bool(_opt(cfg, "head_bias", False)))
         self.tied = bool(cfg.tie_weights) and self.out_dim == vocab_size
         if self.tied:
             self.head.weight = self.embed.weight
@@ -293,6 +307,8 @@ class Backbone(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         c = None
         if self.use_cond:
+            if self.zero_sigma:
+                sigma = torch.zeros(x.shape[0], device=x.device)
             if sigma is None:
                 raise ValueError("this backbone is time-conditioned (use_cond=True): pass sigma [B]")
             sigma = torch.as_tensor(sigma, device=x.device)

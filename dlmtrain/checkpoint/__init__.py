@@ -35,7 +35,11 @@ def load_checkpoint(path: str | Path, ema: bool = True, map_location="cpu", over
         raise ConfigError(f"{path} was not written by dlmtrain (it has no dlmtrain_config)")
     cfg = config_from_resolved(ck["dlmtrain_config"], overrides, where=str(path))
     module = build_module(cfg)
-    module.load_state_dict(ck["state_dict"])
+    try:
+        module.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:  # weights of another shape or architecture than the config describes
+        raise ConfigError(f"{path}: the weights do not match the model its config describes "
+                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     module.weights = "raw"
     if ema and ck.get("ema"):
         shadow = ck["ema"]["shadow"]

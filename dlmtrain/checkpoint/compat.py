@@ -29,7 +29,14 @@ def _flat(node, prefix: str = "") -> dict:
 def diff(old_yaml: str, new: DictConfig) -> tuple[list[str], list[str]]:
     """(refused, applied) changes from the checkpoint's config to ``new`` (filled from the data
     already, so vocabulary and special ids compare as trained), as 'key: old -> new'."""
-    old = _flat(OmegaConf.to_container(OmegaConf.create(old_yaml), resolve=True))
+    from dlmtrain.config import _objective_name, schema
+
+    raw = OmegaConf.create(old_yaml)
+    try:  # keys added to the schema after the checkpoint was written compare as their defaults
+        raw = OmegaConf.merge(schema(_objective_name(raw)), raw)
+    except Exception:  # noqa: BLE001 - an unknown old key: compare as written, it shows up in the diff
+        pass
+    old = _flat(OmegaConf.to_container(raw, resolve=True))
     cur = _flat(OmegaConf.to_container(new, resolve=True))
     refused, applied = [], []
     for key in sorted(set(old) | set(cur)):

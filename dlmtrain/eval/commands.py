@@ -10,13 +10,29 @@ from dlmtrain.errors import ConfigError
 
 
 def _load(checkpoint: str, overrides: list[str], device: str, ema: bool):
+    """A .ckpt written by dlmtrain train, or an export directory (dlmtrain convert --to safetensors)."""
     from dlmtrain.checkpoint import load_checkpoint
+    from dlmtrain.checkpoint.export import is_export_dir, load_pretrained, refuse_sharded
 
     p = Path(checkpoint)
+    model_ov = [o for o in overrides if o.startswith("model.")]
     if p.is_dir():
-        raise ConfigError(f"{checkpoint} is a directory; expected a Lightning .ckpt file written by dlmtrain train "
-                          "(e.g. runs/NAME/checkpoints/last.ckpt)")
-    return load_checkpoint(p, ema=ema, map_location=device, overrides=[o for o in overrides if o.startswith("model.")])
+        if is_export_dir(p):
+            module = load_pretrained(p, map_location=device, overrides=model_ov)
+            if not ema and module.weights == "ema":
+                raise ConfigError(f"{checkpoint} holds the EMA weights only; --raw needs an export made with "
+                                  "`dlmtrain convert ... --raw` (or the .ckpt)")
+            return module
+        refuse_sharded(p)
+        raise ConfigError(f"{checkpoint} is a directory but not an export directory; expected a Lightning .ckpt file "
+                          "written by dlmtrain train (e.g. runs/NAME/checkpoints/last.ckpt) or a directory written by "
+                          "`dlmtrain convert CKPT DIR --to safetensors`")
+    return load_checkpoint(p, ema=ema, map_location=device, overrides=model_ov)
+
+
+def _imported_without_data(module, data: str | None) -> bool:
+    meta = getattr(module, "export_meta", None) or {}
+    return not data and meta.get("source_format", "dlmtrain") != "dlmtrain" and not meta.get("data_known")
 
 
 def _datamodule(module, data: str | None, overrides: list[str], micro: int):
@@ -26,12 +42,19 @@ def _datamodule(module, data: str | None, overrides: list[str], micro: int):
     from dlmtrain.config import _apply_dotted
     from dlmtrain.data import build_datamodule
 
+    if _imported_without_data(module, data):
+        raise ConfigError("this export was imported from another codebase and names no data of ours; pass --data "
+                          "MANIFEST (prepared with the model's tokenizer)")
     cfg = OmegaConf.create(OmegaConf.to_container(module.cfg, resolve=True))
     if data:
         cfg.data.manifest = data
     cfg = _apply_dotted(cfg, [o for o in overrides if o.startswith("data.")])
     try:
-        return build_datamodule(cfg, micro)
+        dm = build_datamodule(cfg, micro)
+        if dm.vocab_size > int(module.cfg.model.vocab_size):
+            raise ConfigError(f"the data's vocabulary ({dm.vocab_size}, {dm.manifest_url}) is larger than the model's "
+                              f"({module.cfg.model.vocab_size}); pass --data with the model's tokenizer")
+        return dm
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a DataError already has a good message
@@ -56,7 +79,7 @@ def _device(name: str) -> str:
 
 
 def add_eval_arguments(p) -> None:
-    p.add_argument("checkpoint", help="a .ckpt written by dlmtrain train")
+    p.add_argument("checkpoint", help="a .ckpt written by dlmtrain train, or an export directory (dlmtrain convert)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. data.max_val_samples=512 model.attn_backend=sdpa")
     p.add_argument("--data", metavar="MANIFEST", help="evaluate on this manifest's validation split (default: the "
                    "data the checkpoint was trained on)")
@@ -106,7 +129,7 @@ def run_eval(args) -> int:
 
 
 def add_sample_arguments(p) -> None:
-    p.add_argument("checkpoint", help="a .ckpt written by dlmtrain train")
+    p.add_argument("checkpoint", help="a .ckpt written by dlmtrain train, or an export directory (dlmtrain convert)")
     p.add_argument("overrides", nargs="*", help="sampling.* settings, e.g. sampling.temperature=0.9 sampling.top_p=0.95")
     p.add_argument("--num", type=int, default=4, metavar="N", help="samples (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, metavar="K", help="sampler steps (default: sampling.steps)")
@@ -117,7 +140,8 @@ def add_sample_arguments(p) -> None:
                    "(default: the training seq_len)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=0, metavar="B", help="samples drawn together (0: all)")
-    p.add_argument("--data", metavar="MANIFEST", help="where the tokenizer is (default: the checkpoint's data)")
+    p.add_argument("--data", metavar="MANIFEST", help="where the tokenizer is (default: an export's own tokenizer, "
+                   "else the checkpoint's data)")
     p.add_argument("--raw", action="store_true", help="the raw training weights instead of the EMA")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", metavar="FILE.jsonl", help="also write one JSON object per sample")
@@ -133,8 +157,11 @@ def run_sample(args) -> int:
     if bad:
         raise ConfigError(f"dlmtrain sample takes sampling.* overrides, not {bad[0]}")
     module = _load(args.checkpoint, args.overrides, _device(args.device), ema=not args.raw)
-    dm = _datamodule(module, args.data, args.overrides, 1)
-    tok = dm.tokenizer
+    if getattr(module, "tokenizer", None) is not None and not args.data:  # an export carries its tokenizer
+        tok, data_len = module.tokenizer, module.seq_len
+    else:
+        dm = _datamodule(module, args.data, args.overrides, 1)
+        tok, data_len = dm.tokenizer, dm.seq_len
     sp = _apply_dotted(module.cfg, [o for o in args.overrides if o.startswith("sampling.")]).sampling
     if args.sampler:
         sp.sampler = args.sampler
@@ -142,7 +169,9 @@ def run_sample(args) -> int:
         if args.steps < 1:
             raise ConfigError("--steps must be >= 1")
         sp.steps = args.steps
-    seq_len = args.seq_len or dm.seq_len
+    seq_len = args.seq_len or data_len
+    if not seq_len:
+        raise ConfigError(f"{args.checkpoint} records no sequence length; pass --seq-len L")
     prompt_ids = None
     if args.prompt is not None:
         prompt_ids = tok.encode(args.prompt)
