@@ -216,8 +216,9 @@ class LearnedGamma(nn.Module):
 
     def interior(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(g(t), g'(t)) shaped like t."""
-        f, df = self._f(t.float())
-        ends, _ = self._f(torch.tensor([0.0, 1.0], device=t.device))
+        dtype = self.w.dtype  # the parameters' (float32; float64 after .double(), for exact checks)
+        f, df = self._f(t.to(dtype))
+        ends, _ = self._f(torch.tensor([0.0, 1.0], dtype=dtype, device=t.device))
         span = ends[1] - ends[0]
         return (f - ends[0]) / span, df / span
 

@@ -1,0 +1,227 @@
+"""The gaussian objective (embedding diffusion, VDM bound): each term of the bound against a
+closed form or a quadrature, the total against the exact -log p(x) of known sources (with a
+deliberately wrong weight caught), the schedules, the samplers, config errors, and a tiny
+`train` run on Markov shards."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from chain_oracles import PI, P, chain_nll, chi2_pvalue, exact_pair, one_thread, sample_chain  # noqa: F401
+from gaussian_oracles import ChainContext, IIDContext, gaussian_module
+
+import dlmtrain.diffusion.gaussian as G
+from dlmtrain import load_config
+from dlmtrain.diffusion.schedules import stratified_times
+from dlmtrain.errors import ConfigError
+from dlmtrain.sampling.api import sample
+
+SCHEDULES = ["linear", "cosine", "learned"]
+G_MIN, G_MAX = -6.0, 10.0  # the config's defaults
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- closed forms ---------------------------------------------------------------------------------
+
+
+def test_prior_kl_is_the_analytic_gaussian_kl():
+    e = torch.randn(4, 5, 6, generator=gen(0), dtype=torch.float64)  # any norm, not only unit rows
+    for g1 in (-2.0, 0.0, 3.0, 10.0):
+        a, s = (math.sqrt(v) for v in (1 / (1 + math.exp(g1)), 1 / (1 + math.exp(-g1))))
+        ref = torch.distributions.kl_divergence(torch.distributions.Normal(a * e, s),
+                                                torch.distributions.Normal(0.0, 1.0)).sum(-1)
+        assert torch.allclose(G.prior_kl(e, torch.tensor(g1)).double(), ref, rtol=1e-5, atol=1e-7), g1
+    # unit-norm rows at gamma_max = 10: 1/2 sigmoid(-10) (1 - d) + d/2 softplus(-10) ~ exp(-10) / 2 nats per token
+    m = gaussian_module(5)
+    x = torch.randint(0, 5, (2, 7), generator=gen(1))
+    prior = m.nelbo_terms(x, torch.rand(2), generator=gen(2))["prior"]
+    assert torch.allclose(prior, torch.full_like(prior, 0.5 * math.exp(-10)), rtol=1e-3)
+
+
+def test_reconstruction_is_the_decoder_posterior_at_gamma_min():
+    table = G.normalize_embeddings(torch.randn(4, 3, generator=gen(0)))
+    z = torch.randn(2, 5, 3, generator=gen(1))
+    x = torch.randint(0, 4, (2, 5), generator=gen(2))
+    a2, s2 = torch.sigmoid(torch.tensor(1.5)), torch.sigmoid(torch.tensor(-1.5))  # gamma = -1.5
+    logn = -((z[..., None, :] - a2.sqrt() * table) ** 2).sum(-1) / (2 * s2)  # log N(z; alpha e_v, sigma^2) + c
+    ref = -torch.log_softmax(logn, -1).gather(-1, x[..., None])[..., 0]
+    assert torch.allclose(G.reconstruction_nll(z, x, table, torch.tensor(-1.5)), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_gamma_schedules_exact_derivative_endpoints_and_monotone(name):
+    sch = G.make_gamma(name, G_MIN, G_MAX)
+    if name == "learned":
+        sch = sch.double()
+        with torch.no_grad():  # away from the initial near-linear shape: random positive coefficients
+            for p in (sch.w, sch.a, sch.b, sch.c):
+                p.add_(torch.randn(p.shape, generator=gen(3), dtype=torch.float64))
+            sch.gamma_0.fill_(-5.0)
+            sch.delta.fill_(2.0)
+        g0, g1 = (v.item() for v in sch.endpoints())
+        assert (g0, g1) == pytest.approx((-5.0, -5.0 + math.log1p(math.exp(2.0))))
+    else:
+        g0, g1 = G_MIN, G_MAX
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    gamma, dgamma = sch(t)
+    assert gamma[0].item() == pytest.approx(g0, abs=1e-9) and gamma[-1].item() == pytest.approx(g1, abs=1e-9)
+    assert (gamma.diff() > 0).all() and (dgamma > 0).all()
+    h = 1e-6
+    tc = t.clamp(h, 1 - h)
+    fd = (sch(tc + h)[0] - sch(tc - h)[0]) / (2 * h)
+    assert torch.allclose(sch(tc)[1], fd, rtol=1e-6, atol=1e-6)
+    # the diffusion weight integrates to (SNR(0) - SNR(1)) / 2 (trapezoid on 2001 points)
+    w = G.diffusion_weight(gamma, dgamma)
+    integral = torch.trapezoid(w, t).item()
+    assert integral == pytest.approx(0.5 * (math.exp(-g0) - math.exp(-g1)), rel=2e-4)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_fixed_estimate_gives_half_the_snr_drop_times_the_squared_error(name):
+    # context logits +1e4 on token 0: e^ = e_0 at every t, so the diffusion term's expectation
+    # over t is 1/2 (SNR(0) - SNR(1)) ||e(x) - e_0||^2; t stratified over 8192 rows
+    m = gaussian_module(4, f"objective.schedule={name}")
+    fixed = torch.tensor([1e4, 0.0, 0.0, 0.0])
+    m.backbone.context_logits = lambda z, gamma, *a: fixed.expand(*z.shape[:2], -1)
+    x = torch.tensor([[0, 1, 2, 3]]).expand(8192, -1)
+    with torch.no_grad():
+        d = m.nelbo_terms(x, stratified_times(8192, generator=gen(1)), generator=gen(2))["diffusion"].double()
+        table = m.backbone.table().double()
+    g0, g1 = (v.item() for v in m.backbone.endpoints())
+    expect = 0.5 * (math.exp(-g0) - math.exp(-g1)) * ((table - table[0]) ** 2).sum(-1)
+    assert (d[:, 0] == 0).all()
+    # within 1% (the cosine schedule's weight peaks steeply at t = 0: one stratum holds much of it)
+    assert torch.allclose(d.mean(0), expect, rtol=1e-2)
+
+
+# ---- an exact denoiser on a tiny vocabulary: quadrature ------------------------------------------
+
+
+def _gauss_grid(n=120, lim=8.0):
+    """Nodes eps [n*n, 2] and weights for E over N(0, I_2): Gauss-Legendre on [-lim, lim]^2."""
+    u, w = np.polynomial.legendre.leggauss(n)
+    u, w = torch.tensor(u * lim), torch.tensor(w * lim * np.exp(-0.5 * (u * lim) ** 2) / math.sqrt(2 * math.pi))
+    eps = torch.stack(torch.meshgrid(u, u, indexing="ij"), -1).reshape(-1, 2)
+    return eps, (w[:, None] * w[None, :]).reshape(-1)
+
+
+def _posterior_stats(table, pi, gamma, eps, weights):
+    """(mmse, I(X; Z)) at gamma for i.i.d. tokens pi, by quadrature over z = alpha e_x + sigma eps."""
+    a, s = math.sqrt(1 / (1 + math.exp(gamma))), math.sqrt(1 / (1 + math.exp(-gamma)))
+    z = a * table[:, None, :] + s * eps[None]  # [V, Q, 2]
+    logits = pi.log() + (a * z @ table.T - 0.5 * a * a) / (s * s)  # unit-norm rows
+    logp = torch.log_softmax(logits, -1)  # p(v | z) [V, Q, V]
+    e_hat = logp.exp() @ table
+    mmse = (pi[:, None] * ((table[:, None] - e_hat) ** 2).sum(-1) * weights).sum()
+    own = logp.diagonal(dim1=0, dim2=2).T  # log p(x | z) at z drawn from x [V, Q]
+    info = (pi[:, None] * (own - pi.log()[:, None]) * weights).sum()
+    return mmse.item(), info.item()
+
+
+@pytest.fixture(scope="module")
+def iid_setup():
+    """V = 3 tokens at 120 degrees on the unit circle (d = 2), pi = (0.5, 0.3, 0.2), and the
+    quadrature reference of the diffusion term of the exact denoiser."""
+    pi = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
+    table = torch.stack([ang.cos(), ang.sin()], -1)
+    n_threads = torch.get_num_threads()  # module-scoped: set up before the autouse one_thread
+    torch.set_num_threads(1)
+    eps, w = _gauss_grid()
+    # int_0^1 1/2 gamma' exp(-gamma) mmse dt = int_{g_min}^{g_max} 1/2 exp(-gamma) mmse(gamma) d gamma,
+    # Gauss-Legendre on 40 nodes in gamma
+    gx, gw = np.polynomial.legendre.leggauss(40)
+    gammas = 0.5 * (G_MAX - G_MIN) * gx + 0.5 * (G_MAX + G_MIN)
+    integral = sum(0.5 * (G_MAX - G_MIN) * wk * 0.5 * math.exp(-gk) * _posterior_stats(table, pi, gk, eps, w)[0]
+                   for gk, wk in zip(gammas, gw))
+    info0, info1 = (_posterior_stats(table, pi, g, eps, w)[1] for g in (G_MIN, G_MAX))
+    torch.set_num_threads(n_threads)
+    return {"pi": pi, "table": table, "eps": eps, "w": w, "integral": integral, "info": (info0, info1)}
+
+
+def test_quadrature_reference_satisfies_i_mmse(iid_setup):
+    # I-MMSE (Guo, Shamai & Verdu 2005): the weighted MMSE integral is I(X; Z_0) - I(X; Z_1); two
+    # quadratures that share no weight, so a wrong factor in 1/2 exp(-gamma) would show
+    info0, info1 = iid_setup["info"]
+    h = -(iid_setup["pi"] * iid_setup["pi"].log()).sum().item()
+    assert info0 == pytest.approx(h, abs=1e-6) and info1 == pytest.approx(0.0, abs=1e-4)
+    assert iid_setup["integral"] == pytest.approx(info0 - info1, rel=1e-6)
+
+
+def _iid_module(setup, *extra):
+    m = gaussian_module(3, "objective.embed_dim=2", *extra)
+    with torch.no_grad():
+        m.backbone.embedding.weight.copy_(setup["table"].float())
+    m.backbone.context_logits = IIDContext(setup["pi"])
+    return m
+
+
+def test_ideal_denoiser_estimate_is_the_posterior_mean(iid_setup):
+    # at gamma = 0 (linear schedule, t = 0.375): the mean squared error of e^ over 16384 tokens
+    # equals the quadrature MMSE within 3 standard errors
+    m = _iid_module(iid_setup, "objective.schedule=linear")
+    pi = iid_setup["pi"]
+    x = torch.multinomial(pi, 16384, replacement=True, generator=gen(0)).reshape(512, 32)
+    with torch.no_grad():
+        d = m.nelbo_terms(x, torch.full((512,), 0.375), generator=gen(1))["diffusion"].double()
+    w = G.diffusion_weight(torch.tensor(0.0), torch.tensor(G_MAX - G_MIN)).item()
+    mse = d / w
+    ref = _posterior_stats(iid_setup["table"], pi, 0.0, iid_setup["eps"], iid_setup["w"])[0]
+    se = mse.std().item() / math.sqrt(mse.numel())
+    assert abs(mse.mean().item() - ref) < 3 * se, (mse.mean().item(), ref, se)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_ideal_denoiser_diffusion_term_matches_the_quadrature(iid_setup, name):
+    # The module's diffusion term (its gamma(t), gamma'(t) and weight) at the 48 Gauss-Legendre
+    # nodes of t in [0, 1], 8 rows x 1024 i.i.d. tokens each, summed with the nodes' weights: the
+    # quadrature value of int 1/2 exp(-gamma) mmse d gamma, the same for every schedule, within
+    # 4 standard errors (from the 8 replicates) and 1.5%
+    m = _iid_module(iid_setup, f"objective.schedule={name}")
+    tx, tw = np.polynomial.legendre.leggauss(48)
+    t = torch.tensor(0.5 * tx + 0.5, dtype=torch.float32).repeat(8)
+    x = torch.multinomial(iid_setup["pi"], 48 * 8 * 1024, replacement=True, generator=gen(5)).reshape(48 * 8, 1024)
+    with torch.no_grad():
+        d = m.nelbo_terms(x, t, generator=gen(6))["diffusion"].double().mean(1).reshape(8, 48)
+    est = (d * torch.tensor(0.5 * tw)).sum(1)  # [8] replicates
+    ref = iid_setup["integral"]
+    se = est.std().item() / math.sqrt(8)
+    assert abs(est.mean().item() - ref) < 4 * se and est.mean().item() == pytest.approx(ref, rel=0.015), \
+        (est.mean().item(), se, ref)
+    # and nelbo_draws (stratified t, every term) on 1024 x 32 tokens: the same within 4 naive se
+    x = torch.multinomial(iid_setup["pi"], 32768, replacement=True, generator=gen(7)).reshape(1024, 32)
+    with torch.no_grad():
+        per_tok = m.nelbo_draws(x, num_samples=1, generator=gen(8))[0][:, 0].double() / 32
+    mean = per_tok.mean().item() - 0.5 * math.exp(-G_MAX)  # the prior; reconstruction ~ 1e-30 here
+    se = per_tok.std().item() / math.sqrt(1024)
+    assert abs(mean - ref) < 4 * se, (mean, se, ref)
+
+
+# ---- the total bound on a Markov chain with the exact denoiser -------------------------------------
+
+
+def _chain_gap(m, n=2048, L=8, draws=2, seed=0):
+    x = sample_chain(n, L, gen(seed))
+    with torch.no_grad():
+        nats = m.nelbo_draws(x, num_samples=draws, generator=gen(seed + 1))[0].double().mean(1)
+    gap = nats - chain_nll(x)
+    return gap.mean().item() / L, gap.std().item() / math.sqrt(n) / L, chain_nll(x).mean().item() / L
+
+
+def test_total_bound_with_the_exact_denoiser_is_tight_above_the_chain_nll(monkeypatch):
+    # the exact posterior (forward-backward over the chain's HMM) makes E nelbo = H(x) + the prior
+    # KL (~2e-5 nats/token) + the decoder's gap at gamma_min (~0): the paired gap is >= 0 within
+    # 3 se and small; a diffusion weight halved (a wrong bound) falls far below -log p(x)
+    m = gaussian_module(3)
+    m.backbone.context_logits = ChainContext(m, P, PI)
+    gap, se, nll = _chain_gap(m)
+    assert gap > -3 * se and gap < 3 * se + 1e-3, (gap, se)
+    assert se < 0.03 * nll
+    monkeypatch.setattr(G, "diffusion_weight", lambda g, dg: 0.25 * dg * torch.exp(-g))
+    gap_half, se_half, _ = _chain_gap(m)
+    assert gap_half < -10 * se_half and gap_half < -0.2 * nll, (gap_half, se_half)
