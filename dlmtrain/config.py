@@ -513,9 +513,10 @@ def validate(cfg: DictConfig) -> None:
         if not ob.gamma_min < ob.gamma_max:
             raise ConfigError(f"objective.gamma_min={ob.gamma_min} must be below objective.gamma_max={ob.gamma_max} "
                               "(-log SNR increases from t = 0 to t = 1)")
-        if ob.embed_dim < 0 or not 0 <= ob.self_cond_prob <= 1:
-            raise ConfigError(f"objective.embed_dim={ob.embed_dim} must be >= 0 (0: model.hidden_size) and "
-                              f"objective.self_cond_prob={ob.self_cond_prob} in [0, 1]")
+        if ob.embed_dim < 0:
+            raise ConfigError(f"objective.embed_dim={ob.embed_dim} must be >= 0 (0: model.hidden_size)")
+        if not 0 <= ob.self_cond_prob <= 1:
+            raise ConfigError(f"objective.self_cond_prob={ob.self_cond_prob} must lie in [0, 1]")
     if "random_length_fraction" in ob and not 0 <= ob.random_length_fraction <= 1:
         raise ConfigError(f"objective.random_length_fraction={ob.random_length_fraction} must lie in [0, 1]")
     o = cfg.optim
@@ -526,6 +527,9 @@ def validate(cfg: DictConfig) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
     sp = cfg.sampling
+    if sp.clamp and ob.name != "gaussian":
+        raise ConfigError(f"sampling.clamp=true is the gaussian samplers' option, not one of objective {ob.name}; "
+                          "set sampling.clamp=false")
     if sp.temperature <= 0 or not 0 < sp.top_p <= 1 or sp.cfg_scale < 0:
         raise ConfigError("sampling.temperature must be > 0, sampling.top_p in (0, 1], sampling.cfg_scale >= 0")
     if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not 0 <= o.min_lr_ratio <= 1:
