@@ -18,12 +18,15 @@ from dlmtrain import build_module, load_config
 from dlmtrain.diffusion.gaussian import loglik_logits
 
 
-def gaussian_module(vocab: int, *extra: str):
-    """A small gaussian module (d = 8 unless overridden), no EMA, no self-conditioning unless asked."""
+def gaussian_module(vocab: int, *extra: str, seed: int = 0):
+    """A small gaussian module (d = 8 unless overridden), no EMA, no self-conditioning unless asked;
+    its initial weights (the random embedding table included) depend on ``seed`` only."""
     cfg = load_config(None, ["objective=gaussian", "model=tiny", f"model.vocab_size={vocab}", "optim.ema=0",
                              "model.n_layers=1", "model.hidden_size=32", "model.n_heads=2", "model.cond_dim=16",
                              "objective.embed_dim=8", "objective.self_conditioning=false", *extra])
-    return build_module(cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_module(cfg)
 
 
 class IIDContext:
