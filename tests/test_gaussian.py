@@ -205,6 +205,89 @@ def test_ideal_denoiser_diffusion_term_matches_the_quadrature(iid_setup, name):
     assert abs(mean - ref) < 4 * se, (mean, se, ref)
 
 
+def test_discrete_time_bound_matches_its_quadrature_and_exceeds_the_continuous_one(iid_setup):
+    # eval.discrete_steps = T: T/2 (SNR(s) - SNR(t)) ||e - e^||^2 at a uniform step (VDM eq. 13);
+    # with the exact denoiser its mean is sum_i 1/2 (SNR(s_i) - SNR(t_i)) mmse(gamma(t_i)), T = 8,
+    # linear schedule, 64 rows x 512 tokens per step (within 4 se and 4%); above the continuous value
+    T = 8
+    m = _iid_module(iid_setup, "objective.schedule=linear")
+    t = ((torch.arange(T) + 0.5) / T).repeat(64)
+    x = torch.multinomial(iid_setup["pi"], len(t) * 512, replacement=True, generator=gen(9)).reshape(len(t), 512)
+    with torch.no_grad():
+        d = m.nelbo_terms(x, t, generator=gen(10), discrete_steps=T)["diffusion"].double().mean(1)
+    gam = lambda u: G_MIN + (G_MAX - G_MIN) * u  # noqa: E731
+    ref = sum(0.5 * (math.exp(-gam((i - 1) / T)) - math.exp(-gam(i / T)))
+              * _posterior_stats(iid_setup["table"], iid_setup["pi"], gam(i / T), iid_setup["eps"], iid_setup["w"])[0]
+              for i in range(1, T + 1))
+    est = d.reshape(64, T).mean(1)  # 64 replicates of the uniform-step average
+    se = est.std().item() / 8
+    assert abs(est.mean().item() - ref) < 4 * se and est.mean().item() == pytest.approx(ref, rel=0.04), \
+        (est.mean().item(), se, ref)
+    assert ref > 1.1 * iid_setup["integral"]
+
+
+def test_training_self_conditions_half_the_rows_through_inputs_embeds():
+    # loss(): a first pass without gradient, its estimate fed back through the self_cond projection
+    # of the input embedding on ~50% of the rows (2000 rows: 0.5 +- 0.035); nelbo: every row
+    m = gaussian_module(5, "objective.self_conditioning=true")
+    calls, sc_in = [], []
+    fwd = m.backbone.transformer.forward
+    m.backbone.transformer.forward = lambda *a, **kw: calls.append((a, kw)) or fwd(*a, **kw)
+    m.backbone.self_cond.register_forward_hook(lambda mod, inp, out: sc_in.append(inp[0].detach()))
+    m.step_generator = lambda device: gen(4)
+    x = torch.randint(0, 5, (2000, 2), generator=gen(5))
+    m.loss({"input_ids": x})
+    assert len(calls) == 2 and all(a == () and kw["inputs_embeds"].shape == (2000, 2, 32) for a, kw in calls)
+    assert (sc_in[0] == 0).all()  # the first pass has no estimate yet
+    on = (sc_in[1] != 0).any(-1).any(-1)
+    assert abs(on.double().mean().item() - 0.5) < 0.035
+    # the estimate fed back has norm <= 1 (a mean of unit vectors) before the x sqrt(d) scaling
+    assert (sc_in[1].norm(dim=-1) <= 8 ** 0.5 + 1e-4).all()
+    sc_in.clear()
+    with torch.no_grad():
+        m.nelbo_draws(x[:50], generator=gen(6))
+    assert len(sc_in) == 2 and (sc_in[1] != 0).any(-1).any(-1).all()
+    m0 = gaussian_module(5, "objective.self_conditioning=true", "objective.self_cond_prob=0")
+    m0.step_generator = lambda device: gen(4)
+    fwd0, n0 = m0.backbone.transformer.forward, []
+    m0.backbone.transformer.forward = lambda *a, **kw: n0.append(1) or fwd0(*a, **kw)
+    m0.loss({"input_ids": x[:50]})
+    assert len(n0) == 1  # no row self-conditioned: no first pass
+
+
+def test_training_times_are_stratified_over_the_batch():
+    m = gaussian_module(5)
+    seen = []
+    terms = m.nelbo_terms
+    m.nelbo_terms = lambda x0, t, *a, **kw: seen.append(t) or terms(x0, t, *a, **kw)
+    m.step_generator = lambda device: gen(7)
+    m.loss({"input_ids": torch.randint(0, 5, (64, 3), generator=gen(8))})
+    assert torch.equal((seen[0] * 64).floor().long().sort().values, torch.arange(64))  # one per 1/64 stratum
+
+
+def test_learned_schedule_gradients_bound_for_endpoints_variance_for_the_interior():
+    # VDM sec. 5.1: the endpoints get the gradient of the bound; the interior (which leaves the
+    # bound unchanged in expectation) the gradient of E[L_diff^2], through a hook on gamma(t)
+    m = gaussian_module(5, "objective.schedule=learned")
+    sch = m.backbone.gamma
+    with torch.no_grad():
+        sch.a.add_(torch.randn(sch.a.shape, generator=gen(1)))
+    x = torch.randint(0, 5, (6, 7), generator=gen(2))
+    m.step_generator = lambda device: gen(3)
+    m.loss({"input_ids": x}).backward()
+    got = {n: p.grad.clone() for n, p in sch.named_parameters()}
+    g = gen(3)  # the same draws as loss(): times, then the self-conditioning rows, then noise
+    t = stratified_times(6, generator=g)
+    rows = torch.rand(6, generator=g) < 0.5
+    terms = m.nelbo_terms(x, t, None, g, rows)
+    n = x.numel()
+    ends = torch.autograd.grad(sum(terms.values()).sum() / n, [sch.gamma_0, sch.delta], retain_graph=True)
+    inner = torch.autograd.grad((terms["diffusion"].sum(-1) ** 2).sum() / n, [sch.w, sch.a, sch.b, sch.c])
+    for name, ref in zip(["gamma_0", "delta", "w", "a", "b", "c"], [*ends, *inner]):
+        assert torch.allclose(got[name], ref, rtol=1e-4, atol=1e-7), name
+    assert got["a"].abs().max() > 0 and got["gamma_0"].abs() > 0
+
+
 # ---- the total bound on a Markov chain with the exact denoiser -------------------------------------
 
 
