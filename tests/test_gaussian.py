@@ -459,3 +459,20 @@ def test_tiny_run_resumes_and_its_held_out_bound_is_above_the_exact_nll(tmp_path
     for sampler in ("ddpm", "ddim"):
         ids = sample(module, 8, 32, 4, sampler=sampler, prompt_ids=[2, 2], seed=0).ids
         assert (ids[:, :2] == 2).all() and ((ids >= 0) & (ids < 4)).all()
+
+
+def test_padding_is_not_scored_and_draws_are_reproducible():
+    m = gaussian_module(6, "objective.self_conditioning=true")
+    x = torch.randint(0, 6, (3, 10), generator=gen(0))
+    am = torch.ones(3, 10, dtype=torch.bool)
+    am[1, 6:] = False
+    am[2, :] = False
+    with torch.no_grad():
+        a, t = m.nelbo_draws(x, am, num_samples=2, generator=gen(1))
+        b, _ = m.nelbo_draws(x, am, num_samples=2, generator=gen(1))
+        x2 = x.clone()
+        x2[1, 6:] = (x2[1, 6:] + 1) % 6  # padding content does not change the bound
+        c, _ = m.nelbo_draws(x2, am, num_samples=2, generator=gen(1))
+    assert a.shape == t.shape == (3, 2) and torch.equal(a, b) and torch.isfinite(a).all()
+    assert (a[2] == 0).all() and (a[:2] > 0).all() and m.scored_tokens(x, am).tolist() == [10, 6, 0]
+    assert torch.allclose(a, c)

@@ -17,10 +17,11 @@ Forward process (VDM eq. 1-3), gamma(t) = -log SNR(t) increasing in t:
 Denoiser. x0 is predicted as a distribution over the vocabulary, p~(x^i | z_t), and the
 embedding estimate is its expectation  e^(z_t) = sum_v p~(v) e_v  (CDCD's score
 interpolation). Its logits are a network's context logits plus the exact log-likelihood of
-the position's own noisy vector under each token (Plaid's readout; derived: the Bayes
-posterior p(x^i | z) = p(z^i | x^i) p(x^i | z^{-i}) / Z, where p(z^i | x^i = v) gives)
+the position's own noisy vector under each token (as Plaid's readout). Why: by Bayes,
+p(x^i | z) = p(z^i | x^i) p(x^i | z^{-i}) / Z (the noise is independent per position), and
+log p(z^i | x^i = v) is, up to a term free of v,
 
-    loglik_v(z^i) = (alpha z^i . e_v - alpha^2 ||e_v||^2 / 2) / sigma^2   (+ a term free of v).
+    loglik_v(z^i) = (alpha z^i . e_v - alpha^2 ||e_v||^2 / 2) / sigma^2.
 
 So the network only has to model p(x^i | the other positions), and at low noise the
 estimate is exact by construction.
@@ -46,7 +47,8 @@ tight up to the two endpoint gaps, which gamma_max and gamma_min control.
 
 Discrete time, T steps (VDM eq. 13): the diffusion term becomes
     T/2 E_{i ~ U{1..T}} (SNR(s) - SNR(t)) ||e - e^(z_t, t)||^2,  s = (i-1)/T, t = i/T,
-which is >= the continuous one (VDM sec. 4.1); reconstruction and prior are unchanged.
+which is >= the continuous one (VDM: more steps never loosen the bound); reconstruction and
+prior are unchanged.
 
 Schedules of gamma(t) (exact gamma and gamma'): ``LinearGamma`` (linear in log-SNR),
 ``CosineGamma`` (alpha = cos, sigma = sin of an angle linear in t, truncated to
@@ -188,8 +190,9 @@ class LearnedGamma(nn.Module):
 
     every coefficient of f positive, so f and g increase (f' in closed form, no autograd).
     Initialised near gamma linear in t from (gamma_min, gamma_max). The bound depends only
-    on the endpoints in expectation (VDM sec. 5.1); the interior shapes the variance, which
-    the module minimises by rescaling the interior's gradient (``interior_grad_scale``)."""
+    on the endpoints in expectation (VDM's invariance of the continuous-time loss); the interior
+    shapes the variance, which the module minimises by rescaling the interior's gradient
+    (``forward``'s ``grad_scale``)."""
 
     learned = True
 

@@ -27,8 +27,8 @@ so the bound stays valid. Samplers feed the previous step's estimate (one pass p
 
 Learned schedule: the endpoints get the bound's gradient; the interior, which leaves the
 bound unchanged in expectation, gets the gradient of E[L_diff^2] instead, i.e. its gradient
-is rescaled by 2 L_diff per row (VDM sec. 5.1 / appendix I.2: minimise the estimator's
-variance). ``model.document_mask`` is refused: noisy embeddings do not show where documents
+is rescaled by 2 L_diff per row (VDM: minimise the estimator's variance; checked in
+tests/test_gaussian.py). ``model.document_mask`` is refused: noisy embeddings do not show where documents
 end, so a sampler could not know the boundaries. ``model.tie_weights`` has no effect.
 Samplers: dlmtrain/sampling/gaussian.py (ddpm = ancestral, ddim).
 """
