@@ -5,9 +5,10 @@ Hashimoto, 2023) on the shared backbone, with VDM's bound (Kingma et al., 2021).
 
 What is learned (all in ``self.backbone``, a :class:`GaussianNet`, so the optimizer, EMA and
 checkpoints see it): the token embeddings (V x d, rows normalised to unit norm), an input
-projection d -> hidden (of z_t rescaled to unit variance per dimension), the transformer (``Backbone`` without a token embedding, conditioned
-on gamma(t) = -log SNR through adaLN, V output logits), a zero-initialised projection of the
-self-conditioning input, and with ``objective.schedule=learned`` the noise schedule.
+projection d -> hidden (of z_t rescaled to unit variance per dimension), the transformer
+(``Backbone`` without a token embedding, conditioned on gamma(t) = -log SNR through adaLN, V
+output logits), a zero-initialised projection of the self-conditioning input, and with
+``objective.schedule=learned`` the noise schedule.
 
 Denoiser: x0 logits = the transformer's context logits + the own position's exact
 log-likelihood under each token (diffusion/gaussian.py ``loglik_logits``); the embedding
