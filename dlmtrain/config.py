@@ -137,7 +137,7 @@ class GaussianObjective:
     """Gaussian diffusion of learned token embeddings, VDM bound (dlmtrain/modules/gaussian.py)."""
 
     name: str = "gaussian"
-    embed_dim: int = 0  # width d of the diffused embeddings (0: model.hidden_size); rows normalised to unit norm
+    embed_dim: int = 16  # width d of the diffused embeddings, rows of unit norm (Plaid: 16; 0: model.hidden_size)
     schedule: str = "cosine"  # cosine | linear (in log-SNR) | learned (monotone gamma(t), learned endpoints)
     gamma_min: float = -6.0  # -log SNR at t = 0 (learned: its initial value); lower: smaller reconstruction term
     gamma_max: float = 10.0  # -log SNR at t = 1; prior term ~ exp(-gamma_max) / 2 nats per token
