@@ -455,6 +455,14 @@ def test_tiny_run_resumes_and_its_held_out_bound_is_above_the_exact_nll(tmp_path
     nelbo, nelbo_se = per_seq.sum().item() / n, per_seq.std().item() * math.sqrt(len(x)) / n
     assert gap > -3 * gap_se, (gap, gap_se)  # a bound: not below -log p(x) beyond noise
     assert nelbo + 3 * nelbo_se < 0.85 * math.log(4), (nelbo, nelbo_se)  # learned: well below log V
+    # the export directory (safetensors) holds the same model: the same draws give the same bound
+    from dlmtrain.checkpoint.export import export_checkpoint, load_pretrained
+
+    exported = load_pretrained(export_checkpoint(ckpt, tmp_path / "export", say=lambda *a: None))
+    with torch.no_grad():
+        a = module.nelbo_draws(x[:8], num_samples=2, generator=gen(13))[0]
+        b = exported.nelbo_draws(x[:8], num_samples=2, generator=gen(13))[0]
+    assert torch.equal(a, b)
     # sampling from the checkpoint with both samplers and few steps
     for sampler in ("ddpm", "ddim"):
         ids = sample(module, 8, 32, 4, sampler=sampler, prompt_ids=[2, 2], seed=0).ids
