@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-OBJECTIVES = ["mdlm", "sedd", "sedd_uniform", "d3pm", "d3pm_uniform", "udlm", "ar", "bd3lm"]
+OBJECTIVES = ["mdlm", "sedd", "sedd_uniform", "d3pm", "d3pm_uniform", "udlm", "ar", "bd3lm", "gaussian"]
 P = [[0.8, 0.15, 0.05], [0.1, 0.6, 0.3], [0.25, 0.25, 0.5]]
 
 

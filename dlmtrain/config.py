@@ -133,6 +133,20 @@ class BD3LMObjective:
 
 
 @dataclass
+class GaussianObjective:
+    """Gaussian diffusion of learned token embeddings, VDM bound (dlmtrain/modules/gaussian.py)."""
+
+    name: str = "gaussian"
+    embed_dim: int = 16  # width d of the diffused embeddings, rows of unit norm (Plaid: 16; 0: model.hidden_size)
+    schedule: str = "cosine"  # cosine | linear (in log-SNR) | learned (monotone gamma(t), learned endpoints)
+    gamma_min: float = -6.0  # -log SNR at t = 0 (learned: its initial value); lower: smaller reconstruction term
+    gamma_max: float = 10.0  # -log SNR at t = 1; prior term ~ exp(-gamma_max) / 2 nats per token
+    self_conditioning: bool = True  # the previous x0 estimate as an extra input (Chen et al., 2023)
+    self_cond_prob: float = 0.5  # share of training rows that get it (evaluation and sampling: always)
+    antithetic: bool = True  # stratified t over the global batch
+
+
+@dataclass
 class ARObjective:
     """The autoregressive baseline: the backbone in causal mode (dlmtrain/modules/ar.py)."""
 
@@ -142,6 +156,7 @@ class ARObjective:
 OBJECTIVES: dict[str, type] = {
     "mdlm": MDLMObjective, "sedd": SEDDObjective, "d3pm": D3PMObjective, "udlm": UDLMObjective, "ar": ARObjective,
     "bd3lm": BD3LMObjective,
+    "gaussian": GaussianObjective,
 }
 ObjectiveConfig = MDLMObjective  # the default objective
 
@@ -242,6 +257,7 @@ class SamplingConfig:
     inner: str = "ancestral"  # semi_ar: the sampler used inside each block
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance w: (1 + w) cond - w uncond (0: off)
     stop_at_eos: bool = False  # bd3lm: stop once every sample drew EOS (later positions set to EOS)
+    clamp: bool = False  # gaussian (ddpm/ddim): Diffusion-LM's clamping, the x0 estimate snapped to its argmax token
 
 
 @dataclass
@@ -440,6 +456,7 @@ _OBJECTIVE_CHOICES = {
     "d3pm": {"graph": ("absorb", "uniform"), "schedule": ("auto", "jsd", "cosine", "linear")},
     "udlm": {"schedule": ("loglinear", "linear", "cosine")},
     "bd3lm": {"schedule": ("loglinear", "linear", "cosine")},
+    "gaussian": {"schedule": ("cosine", "linear", "learned")},
 }
 
 # (key, smallest allowed value): counts and sizes that must be positive (or non-negative)
@@ -492,6 +509,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"objective.block_size={ob.block_size} must be >= 1")
     if "clip_min" in ob and not 0 <= ob.clip_min < ob.clip_max <= 1:
         raise ConfigError(f"objective.clip_min={ob.clip_min}, clip_max={ob.clip_max}: need 0 <= clip_min < clip_max <= 1")
+    if ob.name == "gaussian":
+        if not ob.gamma_min < ob.gamma_max:
+            raise ConfigError(f"objective.gamma_min={ob.gamma_min} must be below objective.gamma_max={ob.gamma_max} "
+                              "(-log SNR increases from t = 0 to t = 1)")
+        if ob.embed_dim < 0:
+            raise ConfigError(f"objective.embed_dim={ob.embed_dim} must be >= 0 (0: model.hidden_size)")
+        if not 0 <= ob.self_cond_prob <= 1:
+            raise ConfigError(f"objective.self_cond_prob={ob.self_cond_prob} must lie in [0, 1]")
     if "random_length_fraction" in ob and not 0 <= ob.random_length_fraction <= 1:
         raise ConfigError(f"objective.random_length_fraction={ob.random_length_fraction} must lie in [0, 1]")
     o = cfg.optim
@@ -502,6 +527,9 @@ def validate(cfg: DictConfig) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
     sp = cfg.sampling
+    if sp.clamp and ob.name != "gaussian":
+        raise ConfigError(f"sampling.clamp=true is the gaussian samplers' option, not one of objective {ob.name}; "
+                          "set sampling.clamp=false")
     if sp.temperature <= 0 or not 0 < sp.top_p <= 1 or sp.cfg_scale < 0:
         raise ConfigError("sampling.temperature must be > 0, sampling.top_p in (0, 1], sampling.cfg_scale >= 0")
     if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not 0 <= o.min_lr_ratio <= 1:

@@ -69,7 +69,8 @@ def state(path):
     return ck
 
 
-@pytest.mark.parametrize("objective", ["mdlm", "sedd", "sedd_uniform", "d3pm", "d3pm_uniform", "udlm", "ar", "llada", "bd3lm"])
+@pytest.mark.parametrize("objective", ["mdlm", "sedd", "sedd_uniform", "d3pm", "d3pm_uniform", "udlm", "ar", "llada",
+                                       "bd3lm", "gaussian"])
 def test_interrupt_then_resume_equals_uninterrupted(manifest, tmp_path, objective):
     """Every objective: SIGINT during step 5, resume to 12 == an uninterrupted 12-step run
     (weights, EMA, Adam state, LR schedule)."""

@@ -207,7 +207,8 @@ class Backbone(nn.Module):
 
     Args:
         cfg: a ModelConfig-like object (dataclass or DictConfig; attributes are read).
-        vocab_size: rows of the token embedding (including objective-added ids such as [MASK]).
+        vocab_size: rows of the token embedding (including objective-added ids such as [MASK]);
+            0: no token embedding, the backbone reads ``inputs_embeds`` only (then out_dim is required).
         use_cond: build adaLN-Zero conditioning on ``sigma``. With ``cfg.adaln_always`` it is built
             anyway and, when the objective passes no sigma, gets sigma = 0 (a constant
             modulation: MDLM's DiT trained with time_conditioning=False).
@@ -224,10 +225,12 @@ class Backbone(nn.Module):
         use_cond = use_cond or self.zero_sigma
         self.cfg, self.vocab_size, self.use_cond = cfg, vocab_size, use_cond
         self.out_dim = out_dim or vocab_size
+        if self.out_dim <= 0:
+            raise ValueError("Backbone(vocab_size=0) reads inputs_embeds only: pass out_dim")
         self.causal, self.document_mask, self.eos_id = bool(cfg.causal), bool(cfg.document_mask), int(cfg.eos_id)
         self.backend = str(cfg.attn_backend)
 
-        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.embed = nn.Embedding(vocab_size, cfg.hidden_size) if vocab_size > 0 else None
         self.rotary = Rotary(cfg.hidden_size // cfg.n_heads, cfg.rope_theta)
         self.time = TimeEmbedding(cfg.cond_dim, int(_opt(cfg, "time_freq_dim", 0))) if use_cond else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -235,7 +238,7 @@ class Backbone(nn.Module):
         self.norm = make_norm(cfg)
         self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size) if use_cond else None
         self.head = VocabHead(cfg.hidden_size, self.out_dim, bias=bool(_opt(cfg, "head_bias", False)))
-        self.tied = bool(cfg.tie_weights) and self.out_dim == vocab_size
+        self.tied = bool(cfg.tie_weights) and self.out_dim == vocab_size and self.embed is not None
         if self.tied:
             self.head.weight = self.embed.weight
         self.init_weights()
@@ -304,6 +307,8 @@ class Backbone(nn.Module):
     def _embed(self, input_ids, inputs_embeds, sigma):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None and self.embed is None:
+            raise ValueError("this backbone has no token embedding (vocab_size=0): pass inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         c = None
         if self.use_cond:

@@ -7,11 +7,13 @@ def _objectives():
     from dlmtrain.modules.ar import AR
     from dlmtrain.modules.bd3lm import BD3LM
     from dlmtrain.modules.d3pm import D3PM
+    from dlmtrain.modules.gaussian import Gaussian
     from dlmtrain.modules.mdlm import MDLM
     from dlmtrain.modules.sedd import SEDD
     from dlmtrain.modules.udlm import UDLM
 
-    return {"mdlm": MDLM, "sedd": SEDD, "d3pm": D3PM, "udlm": UDLM, "ar": AR, "bd3lm": BD3LM}
+    return {"mdlm": MDLM, "sedd": SEDD, "d3pm": D3PM, "udlm": UDLM, "ar": AR, "bd3lm": BD3LM,
+            "gaussian": Gaussian}
 
 
 def build_module(cfg):

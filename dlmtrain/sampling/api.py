@@ -124,8 +124,9 @@ def _device_of(module) -> torch.device:
 def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "ancestral", prompt_ids=None,
            suffix_ids=None, fixed=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
            float64: bool = True, cache: bool = True, confidence: str = "max_prob", block_len: int = 32,
-           inner: str = "ancestral", cfg_scale: float = 0.0, tokenizer=None, batch_size: int | None = None,
-           device=None, progress: bool = False, stop_at_eos: bool = False) -> SampleResult:
+           inner: str = "ancestral", cfg_scale: float = 0.0, clamp: bool = False, tokenizer=None,
+           batch_size: int | None = None, device=None, progress: bool = False,
+           stop_at_eos: bool = False) -> SampleResult:
     """Draw ``num_samples`` sequences of ``seq_len`` tokens with the objective's ``sampler``.
 
     Conditioning: ``prompt_ids`` fill the first positions, ``suffix_ids`` the last ones,
@@ -133,7 +134,8 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
     each accepts one sequence for all samples or one per sample. What ``steps`` means per
     sampler, and the other knobs: dlmtrain/sampling/masked.py. ``cfg_scale`` w > 0 applies
     unsupervised classifier-free guidance (1 + w) cond - w uncond, where the unconditional
-    pass sees the conditioning tokens masked (needs some conditioning). ``batch_size``:
+    pass sees the conditioning tokens masked (needs some conditioning). ``clamp``: the gaussian
+    objective's clamping trick (dlmtrain/sampling/gaussian.py). ``batch_size``:
     samples drawn together (None: all). ``device``: where to run (None: the module's; the
     module is moved there and back). ``stop_at_eos``: stop once every row has drawn EOS, later
     positions set to EOS (samplers that generate left to right in blocks: bd3lm)."""
@@ -170,7 +172,7 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
         bar = tqdm(desc=f"sampling ({sampler})", unit="nfe", leave=False)
     opts = SamplerOptions(steps=int(steps), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                           float64=bool(float64), cache=bool(cache), confidence=confidence, block_len=int(block_len),
-                          inner=inner, cfg_scale=float(cfg_scale), stop_at_eos=bool(stop_at_eos),
+                          inner=inner, cfg_scale=float(cfg_scale), stop_at_eos=bool(stop_at_eos), clamp=bool(clamp),
                           on_nfe=bar.update if bar is not None else None)
     was_training = module.training
     ema = getattr(module, "ema", None)
@@ -204,7 +206,7 @@ def sample(module, num_samples: int, seq_len: int, steps: int, sampler: str = "a
 
 
 _CONFIG_KEYS = ("sampler", "steps", "temperature", "top_k", "top_p", "float64", "cache", "confidence",
-                "block_len", "inner", "cfg_scale", "stop_at_eos")
+                "block_len", "inner", "cfg_scale", "stop_at_eos", "clamp")
 
 
 def sample_from_config(module, cfg_sampling, num_samples: int, seq_len: int, **kwargs) -> SampleResult:

@@ -61,6 +61,7 @@ class SamplerOptions:
     inner: str = "ancestral"
     cfg_scale: float = 0.0
     stop_at_eos: bool = False  # samplers that can (block diffusion) stop once every row drew EOS
+    clamp: bool = False  # gaussian samplers: snap the x0 estimate to its argmax token (Diffusion-LM)
     on_nfe: Callable[[int], None] | None = None  # progress hook: called with each evaluation's count
 
 
