@@ -54,7 +54,7 @@ class NonFiniteGuard(L.Callback):
             return None
         local = [local_shard(g).detach() for g in grads]
         sq = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
-        if any(g is not l for g, l in zip(grads, local)):  # DTensor shards: sum over ranks
+        if any(hasattr(g, "_local_tensor") for g in grads):  # DTensor (FSDP2) shards: sum over ranks
             torch.distributed.all_reduce(sq)
         return sq.sqrt()
 

@@ -33,7 +33,9 @@ def check(cfg, world: int, precision: str) -> None:
         from lightning.pytorch.strategies import StrategyRegistry
 
         if t.strategy not in StrategyRegistry:
-            names = ", ".join(n for n in StrategyRegistry if not n.startswith(("deepspeed", "fsdp")))
+            names = ", ".join(n for n in StrategyRegistry
+                              if not n.startswith(("deepspeed", "fsdp")) and "find_unused" not in n
+                              and "xla" not in n and "tpu" not in n)
             raise ConfigError(f"trainer.strategy={t.strategy} is not a Lightning strategy; use the strategy group "
                               f"(strategy=ddp|fsdp|deepspeed_zero1|deepspeed_zero2|deepspeed_zero3|"
                               f"deepspeed_zero3_offload) or one of Lightning's: {names}")

@@ -119,13 +119,16 @@ class DiffusionModule(L.LightningModule):
 
     def step_generator(self, device) -> torch.Generator:
         """The training step's randomness (times, masks), a pure function of (seed, step,
-        micro-batch, rank): a resumed run draws exactly what the uninterrupted run would have."""
+        slot): a resumed run draws exactly what the uninterrupted run would have. The slot
+        ``micro * world + rank`` numbers the micro-batches of a global batch the way one
+        process accumulating them would (micro-batch j of 1 process = rank j of ``world``),
+        so the same global batch draws the same noise under any world size."""
         if getattr(self, "_gen", None) is None or self._gen.device != torch.device(device):
             self._gen = torch.Generator(device=device)
-        rank, _ = self.rank_and_world
+        rank, world = self.rank_and_world
         accum = self.trainer.accumulate_grad_batches if self._trainer else 1
-        micro = getattr(self, "_batch_idx", 0) % accum
-        self._gen.manual_seed(((self.cfg.trainer.seed * 1_000_003 + self.global_step) * 1024 + micro) * 65536 + rank)
+        slot = (getattr(self, "_batch_idx", 0) % accum) * world + rank
+        self._gen.manual_seed(((self.cfg.trainer.seed * 1_000_003 + self.global_step) * 1024 + slot) * 65536)
         return self._gen
 
     # ---- parallelism (dlmtrain/distributed/) ----------------------------------------------
