@@ -8,7 +8,8 @@ Global batch ``s`` is ``GLOBAL`` rows drawn from ``Generator(seed=s)``; micro-ba
 ``j * world + rank`` (the order of dlmtrain's step_generator) gets rows ``slot*m:(slot+1)*m``,
 so 1 process accumulating and ``world`` processes see the same global batch with the same
 noise. Rank 0 writes OUT_DIR/steps.json: per step the loss averaged over the global batch
-and the logged ``train/grad_norm``; and OUT_DIR/final.ckpt (a file or a sharded directory).
+and the logged ``train/grad_norm``; a fixed batch's NELBO under the raw weights, the EMA
+swapped in, and the raw weights swapped back; and OUT_DIR/final.ckpt (a file or a sharded directory).
 """
 
 from __future__ import annotations
@@ -89,9 +90,26 @@ def main() -> None:
                         num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=[NonFiniteGuard(checkpoints=None), rec], **parallel)
     trainer.fit(module, datamodule=FixedBatches(micro, accum))
+    raw, ema, raw_after = probe(module, None), probe(module, module.ema), probe(module, None)
     trainer.save_checkpoint(out / "final.ckpt")
     if trainer.is_global_zero:
-        (out / "steps.json").write_text(json.dumps({"loss": rec.losses, "grad_norm": rec.norms}))
+        (out / "steps.json").write_text(json.dumps({"loss": rec.losses, "grad_norm": rec.norms, "probe_raw": raw,
+                                                    "probe_ema": ema, "probe_raw_after": raw_after}))
+
+
+@torch.no_grad()
+def probe(module, ema) -> float:
+    """The summed NELBO draws of a fixed batch with fixed noise, with the EMA swapped in (as
+    validation does; every rank takes part when parameters are sharded) or the raw weights."""
+    x = torch.randint(0, 256, (4, SEQ), generator=torch.Generator().manual_seed(99))
+    if ema is not None:
+        ema.swap_in(module.backbone)
+    try:
+        nats, _ = module.nelbo_draws(x, num_samples=2, generator=torch.Generator().manual_seed(123))
+    finally:
+        if ema is not None:
+            ema.swap_out(module.backbone)
+    return float(nats.sum())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """2 CPU processes (gloo) under ZeRO-2, ZeRO-3 and FSDP2 train exactly what 1 process does
-on the same global batch: same per-step loss and gradient norm, same weights and EMA after
-3 steps (consolidated from the sharded checkpoint directory).
+on the same global batch: same per-step loss and gradient norm; same weights and EMA after
+3 steps (consolidated from the sharded checkpoint directory); the same bound with the EMA
+swapped into the shards as validation does, and the training weights back after it.
+ZeRO-3 runs with param_persistence_threshold=0, so every parameter is partitioned (by
+default the tiny model's would all stay whole; test_sharded_resume.py runs that default).
 
 Each run is tests/distributed/steps_worker.py: global batch 8 of 32 tokens, micro-batch 4
 (1 process accumulates 2), Adam lr 1e-2, clip 1.0, EMA 0.99, objective.antithetic=false
@@ -41,11 +44,17 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(single, tmp_path, strategy):
     ref_steps, ref = single
-    steps = run(tmp_path, 2, f"strategy={strategy}")
+    extra = ["strategy.param_persistence_threshold=0"] if strategy == "deepspeed_zero3" else []
+    steps = run(tmp_path, 2, f"strategy={strategy}", *extra)
     # float32 all-reduce / reduce-scatter order only: measured differences <= 5e-7 relative
     assert steps["loss"] == pytest.approx(ref_steps["loss"], rel=1e-5, abs=0)
     assert steps["grad_norm"] == pytest.approx(ref_steps["grad_norm"], rel=1e-5, abs=0)
     assert ref_steps["loss"][0] != pytest.approx(ref_steps["loss"][2], rel=1e-3)  # the steps did differ
+    # the EMA swapped in and out of the shards as validation does: same bound as 1 process, and the
+    # training weights come back exactly
+    assert steps["probe_ema"] == pytest.approx(ref_steps["probe_ema"], rel=1e-5, abs=0)
+    assert steps["probe_raw"] == pytest.approx(ref_steps["probe_raw"], rel=1e-5, abs=0)
+    assert steps["probe_raw_after"] == steps["probe_raw"] != pytest.approx(steps["probe_ema"], rel=1e-3)
 
     ck = read_whole(tmp_path / "final.ckpt")
     assert ck["global_step"] == 3 and ck["ema"]["num_updates"] == 3
