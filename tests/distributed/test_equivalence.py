@@ -3,7 +3,9 @@ on the same global batch: same per-step loss and gradient norm; same weights and
 3 steps (consolidated from the sharded checkpoint directory); the same bound with the EMA
 swapped into the shards as validation does, and the training weights back after it.
 ZeRO-3 runs with param_persistence_threshold=0, so every parameter is partitioned (by
-default the tiny model's would all stay whole; test_sharded_resume.py runs that default).
+default the tiny model's would all stay whole; test_sharded_resume.py runs that default),
+and with activation checkpointing; FSDP2 with activation checkpointing and compiled blocks
+(composition with sharding; the 1-process reference has neither).
 
 Each run is tests/distributed/steps_worker.py: global batch 8 of 32 tokens, micro-batch 4
 (1 process accumulates 2), Adam lr 1e-2, clip 1.0, EMA 0.99, objective.antithetic=false
@@ -41,11 +43,17 @@ def single(tmp_path_factory):
     return run(out, 1), torch.load(out / "final.ckpt", map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+EXTRA = {
+    "deepspeed_zero2": [],
+    "deepspeed_zero3": ["strategy.param_persistence_threshold=0", "trainer.activation_checkpointing=true"],
+    "fsdp": ["trainer.activation_checkpointing=true", "trainer.compile=true"],
+}
+
+
+@pytest.mark.parametrize("strategy", list(EXTRA))
 def test_two_processes_match_one_on_the_same_global_batch(single, tmp_path, strategy):
     ref_steps, ref = single
-    extra = ["strategy.param_persistence_threshold=0"] if strategy == "deepspeed_zero3" else []
-    steps = run(tmp_path, 2, f"strategy={strategy}", *extra)
+    steps = run(tmp_path, 2, f"strategy={strategy}", *EXTRA[strategy])
     # float32 all-reduce / reduce-scatter order only: measured differences <= 5e-7 relative
     assert steps["loss"] == pytest.approx(ref_steps["loss"], rel=1e-5, abs=0)
     assert steps["grad_norm"] == pytest.approx(ref_steps["grad_norm"], rel=1e-5, abs=0)
