@@ -23,4 +23,4 @@ demo: setup
 # Two steps: the suite, then the multi-process (gloo) runs of tests/distributed (exit 5: none selected by ARGS)
 test: setup
 	$(PY) -m pytest -q $(ARGS)
-	$(PY) -m pytest -q -m distributed $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m 'distributed and not slow' $(ARGS) || [ $$? -eq 5 ]
