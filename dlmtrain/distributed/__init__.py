@@ -104,6 +104,11 @@ def prepare(cfg, module, world: int, micro: int, precision: str) -> dict:
     if s.name == "fsdp":
         from dlmtrain.distributed.fsdp import FSDP2Strategy
 
+        outside = [n for n, _ in module.named_parameters() if not n.startswith("backbone.")]
+        if outside:  # known before the Trainer starts (no objective has any today)
+            raise ConfigError(f"strategy=fsdp shards the backbone only, but {type(module).__name__} has parameters "
+                              f"outside it ({', '.join(outside[:3])}); use a deepspeed strategy or ddp")
+
         return {"strategy": FSDP2Strategy(world), "gradient_clip_val": clip, "inference_mode": False}
     from dlmtrain.distributed.deepspeed import DeepSpeedStrategy, deepspeed_config
 
