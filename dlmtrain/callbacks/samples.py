@@ -63,7 +63,7 @@ class SampleQuality(L.Callback):
         from dlmtrain.sampling import sample_from_config
 
         self._done_step = step = trainer.global_step
-        collective = getattr(trainer.strategy, "shards_parameters", False)
+        collective = getattr(getattr(trainer, "strategy", None), "shards_parameters", False)
         if not trainer.is_global_zero and not collective:
             return None
         sp = self.cfg.sampling
