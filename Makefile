@@ -20,5 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/dlmtrain train configs/demo.yaml $(ARGS)
 
+# Two steps: the suite, then the multi-process (gloo) runs of tests/distributed (exit 5: none selected by ARGS)
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m 'distributed and not slow' $(ARGS) || [ $$? -eq 5 ]

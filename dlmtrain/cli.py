@@ -35,6 +35,7 @@ examples:
   dlmtrain train configs/demo.yaml data.manifest=data/web/manifest.json run.name=web
   dlmtrain sweep configs/sweeps/lr.yaml --dry-run             # list the runs of a sweep; drop --dry-run to run them
   dlmtrain bench model --size small --seq-len 1024 --batch-size 16
+  dlmtrain bench train configs/demo.yaml trainer.devices=2 strategy=fsdp --steps 10
 
 prepare your own data first (text, JSONL, Parquet -> tokenized shards + manifest):
   python -m data_prep corpus/ --out data/web --train-tokenizer --vocab-size 32768 --seq-len 1024
@@ -100,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dlmtrain.bench import data as bench_data
     from dlmtrain.bench import model as bench_model
     from dlmtrain.bench import sample as bench_sample
+    from dlmtrain.bench import train as bench_train
 
     for name, mod, text in (("model", bench_model, "forward+backward tokens/s and MFU"), ("data", bench_data, "shard reading tokens/s per worker"),
-                            ("sample", bench_sample, "sampler tokens/s and network evaluations")):
+                            ("sample", bench_sample, "sampler tokens/s and network evaluations"),
+                            ("train", bench_train, "steady-state training step of a config: tokens/s, step time, "
+                                                   "peak memory, MFU")):
         sp = bsub.add_parser(name, help=text, description=text)
         mod.add_arguments(sp)
         sp.set_defaults(func=_bench, bench_run=mod.run)

@@ -2,7 +2,7 @@
 
 A run config is a YAML file under ``configs/`` with an optional ``defaults`` list
 naming one file per group (``model``, ``objective``, ``data``, ``optim``,
-``trainer``)::
+``trainer``, ``strategy``)::
 
     defaults:
       - model: tiny
@@ -30,7 +30,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dlmtrain.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "objective", "data", "optim", "trainer")
+GROUPS = ("model", "objective", "data", "optim", "trainer", "strategy")
 
 
 @dataclass
@@ -200,7 +200,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # Lightning's strategy name, passed as is; only when strategy.name=auto (see StrategyConfig)
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU | 32-true | bf16-mixed | bf16-true | 16-mixed
     val_every_n_steps: int = 250
     limit_val_batches: int = 0  # 0: the whole validation stream
@@ -208,10 +208,36 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     ckpt_every_n_steps: int = 250
     save_top_k: int = 1  # best checkpoints by val/nelbo, beside last.ckpt
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (dlmtrain/distributed/parallelize.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
     seed: int = 0
     progress_bar: bool = True  # a bar on a terminal; elsewhere (or with false) plain lines, see print_every_n_steps
     print_every_n_steps: int = 100  # a plain progress line (step, loss, tokens/s, ETA) when there is no bar
+
+
+@dataclass
+class StrategyConfig:
+    """How training is spread over devices (configs/strategy/<name>.yaml, dlmtrain/distributed/).
+
+    ``name=auto`` leaves the choice to Lightning's ``trainer.strategy`` (an escape hatch: any
+    Lightning strategy name except DeepSpeed/FSDP ones, which need this section); any other
+    name requires ``trainer.strategy=auto``. Options apply to the strategies named in their
+    comment; setting one for another strategy is an error (dlmtrain.distributed.check).
+    """
+
+    name: str = "auto"  # auto | ddp | fsdp (FSDP2 fully_shard per block) | deepspeed
+    stage: int = 0  # deepspeed ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters sharded
+    offload_optimizer: bool = False  # deepspeed: optimizer states and the Adam step on CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False  # deepspeed stage 3: parameters live on CPU between uses
+    overlap_comm: bool = True  # deepspeed: overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True  # deepspeed: copy gradients into one contiguous buffer as produced
+    reduce_bucket_size: int = 200_000_000  # deepspeed: elements per gradient reduce bucket
+    allgather_bucket_size: int = 200_000_000  # deepspeed stage 1/2: elements per parameter all-gather bucket
+    prefetch_bucket_size: int = 50_000_000  # deepspeed stage 3: elements of parameters fetched ahead of use
+    param_persistence_threshold: int = 100_000  # deepspeed stage 3: parameters this small stay whole on every rank
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (false: keep until backward)
+    mixed_precision: bool = True  # fsdp under bf16-mixed: bf16 parameters for compute, float32 gradient reduction
+    find_unused_parameters: bool = False  # ddp
 
 
 @dataclass
@@ -275,6 +301,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -448,6 +475,7 @@ _CHOICES = {
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
     "sampling.confidence": ("max_prob", "margin", "neg_entropy"),
+    "strategy.name": ("auto", "ddp", "fsdp", "deepspeed"),
 }
 
 _OBJECTIVE_CHOICES = {
@@ -526,6 +554,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.ema={o.ema} must lie in [0, 1)")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    _validate_strategy(cfg)
     sp = cfg.sampling
     if sp.clamp and ob.name != "gaussian":
         raise ConfigError(f"sampling.clamp=true is the gaussian samplers' option, not one of objective {ob.name}; "
@@ -534,6 +563,54 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("sampling.temperature must be > 0, sampling.top_p in (0, 1], sampling.cfg_scale >= 0")
     if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0, optim.eps > 0, optim.min_lr_ratio in [0, 1]")
+
+
+# Which strategy options each strategy honours: (strategy name, ZeRO stages or None for any).
+# A value other than the schema default for a strategy outside its scope is an error, never ignored.
+_STRATEGY_SCOPE = {
+    "offload_optimizer": ("deepspeed", None),
+    "offload_params": ("deepspeed", (3,)),
+    "overlap_comm": ("deepspeed", None),
+    "contiguous_gradients": ("deepspeed", None),
+    "reduce_bucket_size": ("deepspeed", None),
+    "allgather_bucket_size": ("deepspeed", (1, 2)),
+    "prefetch_bucket_size": ("deepspeed", (3,)),
+    "param_persistence_threshold": ("deepspeed", (3,)),
+    "reshard_after_forward": ("fsdp", None),
+    "mixed_precision": ("fsdp", None),
+    "find_unused_parameters": ("ddp", None),
+}
+
+
+def _validate_strategy(cfg: DictConfig) -> None:
+    s, low = cfg.strategy, cfg.trainer.strategy
+    if s.name != "auto" and low != "auto":
+        raise ConfigError(f"strategy.name={s.name} and trainer.strategy={low} are both set; use strategy={s.name} "
+                          "(dlmtrain's, preferred) or trainer.strategy (passed to Lightning as is), not both")
+    if low.startswith(("deepspeed", "fsdp")):
+        raise ConfigError(f"trainer.strategy={low}: DeepSpeed and FSDP are configured by the strategy group "
+                          "(sharded checkpoints, EMA, CPU support); use e.g. strategy=deepspeed_zero2 or strategy=fsdp")
+    if s.name == "deepspeed":
+        if s.stage not in (1, 2, 3):
+            raise ConfigError(f"strategy.stage={s.stage}: DeepSpeed needs a ZeRO stage 1, 2 or 3 "
+                              "(e.g. strategy=deepspeed_zero2)")
+    elif s.stage != 0:
+        raise ConfigError(f"strategy.stage={s.stage} is a DeepSpeed option; strategy.name={s.name} has no ZeRO "
+                          "stages (use strategy=deepspeed_zero{1,2,3})")
+    default = StrategyConfig()
+    for key, (owner, stages) in _STRATEGY_SCOPE.items():
+        if s[key] == getattr(default, key):
+            continue
+        if s.name != owner or (stages is not None and s.stage not in stages):
+            where = f"strategy.name={owner}" + (f" with strategy.stage={'/'.join(map(str, stages))}" if stages else "")
+            now = f"strategy.name={s.name}" + (f", stage {s.stage}" if s.name == "deepspeed" else "")
+            raise ConfigError(f"strategy.{key}={s[key]} applies only to {where}, not to {now}; remove it or "
+                              f"choose that strategy")
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+        if s[key] < 1:
+            raise ConfigError(f"strategy.{key}={s[key]} must be >= 1 (elements)")
+    if s.param_persistence_threshold < 0:
+        raise ConfigError(f"strategy.param_persistence_threshold={s.param_persistence_threshold} must be >= 0")
 
 
 def batch_split(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:

@@ -16,7 +16,8 @@ from dlmtrain.errors import ConfigError
 
 # Lightning's info lines that say nothing actionable (the device summary is printed by dlmtrain).
 _NOISE = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`Trainer(limit_val_batches",
-          "`weights_only` was not set", "You are using a CUDA device", "`Trainer.fit` stopped")
+          "`weights_only` was not set", "You are using a CUDA device", "`Trainer.fit` stopped",
+          "initializing deepspeed distributed")
 
 
 class _DropNoise(logging.Filter):
@@ -26,13 +27,16 @@ class _DropNoise(logging.Filter):
 
 def quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector", "lightning.pytorch.strategies.deepspeed"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*tensorboardX.*")
     warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+    # the ELBO callback logs values it already reduced over ranks (dlmtrain/callbacks/elbo.py)
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
 
 
 class _ContinuingWriter(_ExperimentWriter):

@@ -112,6 +112,15 @@ def _is_launch_rank_zero() -> bool:
     return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
 
+def _strategy_name(cfg: DictConfig) -> str:
+    s = cfg.strategy
+    if s.name == "auto":
+        return cfg.trainer.strategy
+    if s.name == "deepspeed":
+        return f"deepspeed ZeRO-{s.stage}" + (" (offload)" if s.offload_optimizer or s.offload_params else "")
+    return s.name
+
+
 def check_resume_config(cfg: DictConfig, info, say=print) -> None:
     """Refuse architecture/objective changes against the checkpoint; list the rest."""
     from dlmtrain.checkpoint.compat import diff
@@ -147,6 +156,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
     from dlmtrain.callbacks.throughput import Throughput
     from dlmtrain.checkpoint.files import clean_stale_temporaries, find_resume
     from dlmtrain.data import DataMetrics, build_datamodule
+    from dlmtrain.distributed import check as check_strategy
+    from dlmtrain.distributed import check_resume, prepare
     from dlmtrain.loggers import RunCSVLogger, quiet_lightning, wandb_logger
     from dlmtrain.modules import build_module
 
@@ -157,6 +168,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
     world = world_size(cfg)
     micro, accum = batch_split(t.global_batch_size, t.micro_batch_size, world)
     check_machine(cfg, out)
+    check_strategy(cfg, world, precision(cfg))
     rank_zero = _is_launch_rank_zero()
     say = print if rank_zero else (lambda *a, **k: None)
     ckpts = RunCheckpoints(ckpt_dir, t.ckpt_every_n_steps, t.save_top_k)
@@ -166,6 +178,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
         if rank_zero:
             clean_stale_temporaries(ckpt_dir, say=say)
         resume = find_resume(cfg.run.resume, ckpt_dir, say=say)
+        check_resume(cfg, resume, world)
 
         L.seed_everything(t.seed, workers=True, verbose=False)
         # The float32 logits head runs ~1.5x faster on TF32 tensor cores (measured on H100).
@@ -194,7 +207,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
             f"[dlmtrain] {cfg.objective.name} / model={cfg.model.name}: {n_all / 1e6:.2f}M parameters "
             f"({n_body / 1e6:.2f}M non-embedding); vocab {cfg.model.vocab_size}, seq_len {dm.seq_len}; "
             f"global batch {t.global_batch_size} = {micro} x {world} {device} device(s) x {accum} accumulation, "
-            f"{precision(cfg)}; run dir {out}",
+            f"{precision(cfg)}, strategy {_strategy_name(cfg)}; run dir {out}",
             flush=True,
         )
 
@@ -216,8 +229,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
             *([samples] if samples else []),
             *(extra_callbacks or []),
         ]
-        if t.compile:
-            module.backbone.compile()  # in place: parameter names (checkpoints, EMA) stay unprefixed
+        # sharding, activation checkpointing, compile: applied to the backbone from outside, inside the Trainer
+        parallel = prepare(cfg, module, world, micro, precision(cfg))
 
         trainer = L.Trainer(
             default_root_dir=str(out),
@@ -225,10 +238,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
             accelerator=t.accelerator,
             devices=t.devices,
             num_nodes=t.num_nodes,
-            strategy=t.strategy,
             precision=precision(cfg),
             accumulate_grad_batches=accum,
-            gradient_clip_val=cfg.optim.grad_clip or None,
+            **parallel,  # strategy, gradient_clip_val (DeepSpeed clips itself), inference_mode
             val_check_interval=t.val_every_n_steps * accum,
             check_val_every_n_epoch=None,
             limit_val_batches=(t.limit_val_batches or None) if has_val else 0,

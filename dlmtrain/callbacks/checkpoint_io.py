@@ -10,7 +10,7 @@ import os
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dlmtrain.checkpoint.files import temp_name
+from dlmtrain.checkpoint.files import replace_path, temp_name
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -19,7 +19,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = temp_name(path)
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
+            replace_path(tmp, path)  # also over a sharded directory of an earlier run
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -11,6 +11,9 @@ Invariants:
 - No checkpoint with non-finite weights is written.
 - Top-k keeps exactly ``save_top_k`` files over any number of resumes: the set is read
   from the directory (the score is in the file name), not from callback state.
+- Under sharded strategies (DeepSpeed, FSDP2) each checkpoint is a directory of the same
+  name, written beside it and swapped in (dlmtrain/distributed/checkpoint.py); everything
+  here applies to it unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import lightning as L
 
 from dlmtrain.callbacks.guards import NonFiniteLossError, all_finite
+from dlmtrain.checkpoint.files import remove_path
 
 BEST_RE = re.compile(r"^best-step(\d+)-nelbo(-?[0-9.]+|inf|nan)\.ckpt$")
 
@@ -115,10 +119,10 @@ class RunCheckpoints(L.Callback):
         if trainer.is_global_zero:
             entries = self.best()
             for _, s, p in entries[self.save_top_k:]:
-                p.unlink(missing_ok=True)
+                remove_path(p)
             for _, s, p in entries[: self.save_top_k]:
                 if s == step and p != path:  # an older file for the same step (another trajectory)
-                    p.unlink(missing_ok=True)
+                    remove_path(p)
         trainer.strategy.barrier("topk")
         return path if keep else None
 

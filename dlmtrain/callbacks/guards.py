@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from dlmtrain.errors import UserError
+from dlmtrain.modules.ema import local_shard
 
 
 class NonFiniteLossError(UserError):
@@ -15,8 +16,9 @@ class NonFiniteLossError(UserError):
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """One fused reduction and one host sync, however many tensors."""
-    ts = [t.detach() for t in tensors if t is not None]
+    """One fused reduction and one host sync, however many tensors (this rank's shards of sharded ones)."""
+    ts = [local_shard(t).detach() for t in tensors if t is not None]
+    ts = [t for t in ts if t.numel()]
     if not ts:
         return True
     norms = torch._foreach_norm(ts)
@@ -32,6 +34,10 @@ class NonFiniteGuard(L.Callback):
     (the finite state before this step: weights, optimizer, data position; for inspection)
     and stop with exit 3, telling how to resume from the newest regular checkpoint.
     Under ``16-mixed`` inf gradients are the loss scaler's business, so only weights are checked.
+
+    Sharded gradients: FSDP2's are DTensor shards (the norm sums the shards over ranks);
+    DeepSpeed ZeRO keeps them in its own partitioned buffers, so its overflow check (one
+    all-reduce) decides, and the norm it computes in its step is logged after the step.
     """
 
     def __init__(self, checkpoints, resume_hint: str = ""):
@@ -42,15 +48,27 @@ class NonFiniteGuard(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         self._params = [p for p in pl_module.parameters() if p.requires_grad]
 
+    def _grad_norm(self, optimizer) -> torch.Tensor | None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return None
+        local = [local_shard(g).detach() for g in grads]
+        sq = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
+        if any(hasattr(g, "_local_tensor") for g in grads):  # DTensor (FSDP2) shards: sum over ranks
+            torch.distributed.all_reduce(sq)
+        return sq.sqrt()
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = [p.grad.detach() for p in self._params if p.grad is not None]
         scaled = str(trainer.precision).startswith("16")
-        gnorm = None
-        if grads and not scaled:
-            gnorm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
-            pl_module.log("train/grad_norm", gnorm, on_step=True, on_epoch=False)
+        gnorm, grads_ok = None, True
+        if hasattr(optimizer, "has_overflow"):  # DeepSpeed ZeRO
+            grads_ok = scaled or not optimizer.has_overflow()
+        elif not scaled:
+            gnorm = self._grad_norm(optimizer)
+            if gnorm is not None:
+                pl_module.log("train/grad_norm", gnorm, on_step=True, on_epoch=False)
         weights_ok = all_finite(self._params)
-        ok = weights_ok and (gnorm is None or bool(torch.isfinite(gnorm)))
+        ok = weights_ok and grads_ok and (gnorm is None or bool(torch.isfinite(gnorm)))
         if trainer.strategy.reduce_boolean_decision(ok, all=True):
             return
         step = trainer.global_step
@@ -74,6 +92,14 @@ class NonFiniteGuard(L.Callback):
             f"(changed optim.* settings apply on resume; if it diverges again, point run.resume= at an earlier "
             f"best-*.ckpt). The finite weights right before the failing step are in {path}, for inspection"
         )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and getattr(self, "_logged_step", None) != trainer.global_step:
+            self._logged_step = trainer.global_step
+            norm = engine.get_global_grad_norm()  # of the step just taken, before clipping
+            if norm is not None and trainer.global_step > 0:
+                pl_module.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
 
     def _step_of(self, path) -> str:
         if self.checkpoints.last_saved_step is not None:

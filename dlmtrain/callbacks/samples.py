@@ -5,7 +5,9 @@ Logged (W&B and CSV) under ``samples/``: entropy, distinct_1..4, rep_1..4 (see
 dlmtrain/eval/quality.py), gen_ppl when ``eval.eval_lm`` names a local causal LM or an ar
 checkpoint (never shown without the entropy beside it), nfe and tokens_per_s of the sampler.
 The decoded texts go to a W&B table (step, sampler, steps, nfe, text) and to
-``RUN/samples/step<N>.jsonl``. Runs on global rank 0 only; the others wait.
+``RUN/samples/step<N>.jsonl``. Runs on global rank 0 only; the others wait. Under a
+strategy that shards parameters (ZeRO-3, FSDP2) every forward needs every rank, so all
+ranks draw the same samples (same seed) and rank 0 alone writes and logs them.
 """
 
 from __future__ import annotations
@@ -61,11 +63,14 @@ class SampleQuality(L.Callback):
         from dlmtrain.sampling import sample_from_config
 
         self._done_step = step = trainer.global_step
-        if not trainer.is_global_zero:
+        collective = getattr(getattr(trainer, "strategy", None), "shards_parameters", False)
+        if not trainer.is_global_zero and not collective:
             return None
         sp = self.cfg.sampling
         res = sample_from_config(pl_module, sp, num_samples=int(self.cfg.eval.num_samples), seq_len=self.seq_len,
                                  seed=int(self.cfg.trainer.seed) + step, tokenizer=self.tokenizer)
+        if not trainer.is_global_zero:
+            return None
         ids = res.ids.tolist()
         texts = res.text or [" ".join(map(str, s)) for s in ids]
         stats = {f"samples/{k}": v for k, v in diversity(ids).items()}

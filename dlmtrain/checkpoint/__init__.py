@@ -19,6 +19,9 @@ def load_checkpoint(path: str | Path, ema: bool = True, map_location="cpu", over
     has one (what validation reports); ``ema=False`` the raw training weights.
     ``module.weights`` says which were loaded. ``overrides`` (``key=value``) may change
     settings that do not alter the weights, e.g. ``model.attn_backend=sdpa``.
+
+    ``path`` may be a sharded checkpoint directory (strategy=deepspeed_* or fsdp): it is
+    consolidated in memory (weights in float32, the EMA from every rank's shards).
     """
     import torch
 
@@ -27,10 +30,15 @@ def load_checkpoint(path: str | Path, ema: bool = True, map_location="cpu", over
     from dlmtrain.modules import build_module
 
     try:
-        inspect(path)
+        info = inspect(path)
+        if info.sharded:
+            from dlmtrain.distributed.checkpoint import read_whole
+
+            ck = read_whole(path)
+        else:
+            ck = torch.load(path, map_location=map_location, weights_only=False)
     except BadCheckpoint as e:
         raise ConfigError(str(e)) from None
-    ck = torch.load(path, map_location=map_location, weights_only=False)
     if not ck.get("dlmtrain_config"):
         raise ConfigError(f"{path} was not written by dlmtrain (it has no dlmtrain_config)")
     cfg = config_from_resolved(ck["dlmtrain_config"], overrides, where=str(path))

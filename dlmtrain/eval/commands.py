@@ -10,9 +10,11 @@ from dlmtrain.errors import ConfigError
 
 
 def _load(checkpoint: str, overrides: list[str], device: str, ema: bool):
-    """A .ckpt written by dlmtrain train, or an export directory (dlmtrain convert --to safetensors)."""
+    """A .ckpt or sharded checkpoint directory written by dlmtrain train, or an export directory
+    (dlmtrain convert --to safetensors)."""
     from dlmtrain.checkpoint import load_checkpoint
     from dlmtrain.checkpoint.export import is_export_dir, load_pretrained, refuse_sharded
+    from dlmtrain.checkpoint.files import MANIFEST
 
     p = Path(checkpoint)
     model_ov = [o for o in overrides if o.startswith("model.")]
@@ -23,7 +25,9 @@ def _load(checkpoint: str, overrides: list[str], device: str, ema: bool):
                 raise ConfigError(f"{checkpoint} holds the EMA weights only; --raw needs an export made with "
                                   "`dlmtrain convert ... --raw` (or the .ckpt)")
             return module
-        refuse_sharded(p)
+        if (p / MANIFEST).exists():  # a sharded checkpoint (strategy=fsdp|deepspeed_*): consolidated in memory
+            return load_checkpoint(p, ema=ema, map_location=device, overrides=model_ov)
+        refuse_sharded(p)  # DeepSpeed / DCP files without dlmtrain's manifest (not written by dlmtrain train)
         raise ConfigError(f"{checkpoint} is a directory but not an export directory; expected a Lightning .ckpt file "
                           "written by dlmtrain train (e.g. runs/NAME/checkpoints/last.ckpt) or a directory written by "
                           "`dlmtrain convert CKPT DIR --to safetensors`")
@@ -79,7 +83,8 @@ def _device(name: str) -> str:
 
 
 def add_eval_arguments(p) -> None:
-    p.add_argument("checkpoint", help="a .ckpt written by dlmtrain train, or an export directory (dlmtrain convert)")
+    p.add_argument("checkpoint", help="a checkpoint written by dlmtrain train (.ckpt file or sharded directory), "
+                   "or an export directory (dlmtrain convert)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. data.max_val_samples=512 model.attn_backend=sdpa")
     p.add_argument("--data", metavar="MANIFEST", help="evaluate on this manifest's validation split (default: the "
                    "data the checkpoint was trained on)")
@@ -129,7 +134,8 @@ def run_eval(args) -> int:
 
 
 def add_sample_arguments(p) -> None:
-    p.add_argument("checkpoint", help="a .ckpt written by dlmtrain train, or an export directory (dlmtrain convert)")
+    p.add_argument("checkpoint", help="a checkpoint written by dlmtrain train (.ckpt file or sharded directory), "
+                   "or an export directory (dlmtrain convert)")
     p.add_argument("overrides", nargs="*", help="sampling.* settings, e.g. sampling.temperature=0.9 sampling.top_p=0.95")
     p.add_argument("--num", type=int, default=4, metavar="N", help="samples (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, metavar="K", help="sampler steps (default: sampling.steps)")

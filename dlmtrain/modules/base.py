@@ -37,7 +37,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or id(p) in no_decay_ids else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's own shape is empty
+        (no_decay if ndim < 2 or id(p) in no_decay_ids else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -73,6 +74,8 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.ema: EMA | None = None
         self.abort_validation = False  # set by the stop handler: a cut-short validation logs nothing
+        # Sharding, activation checkpointing, compile: applied from outside by dlmtrain.distributed.prepare
+        self.parallelize = None
 
     # ---- subclass API ---------------------------------------------------------------
     def loss(self, batch: dict) -> torch.Tensor:
@@ -116,14 +119,23 @@ class DiffusionModule(L.LightningModule):
 
     def step_generator(self, device) -> torch.Generator:
         """The training step's randomness (times, masks), a pure function of (seed, step,
-        micro-batch, rank): a resumed run draws exactly what the uninterrupted run would have."""
+        slot): a resumed run draws exactly what the uninterrupted run would have. The slot
+        ``micro * world + rank`` numbers the micro-batches of a global batch the way one
+        process accumulating them would (micro-batch j of 1 process = rank j of ``world``),
+        so the same global batch draws the same noise under any world size."""
         if getattr(self, "_gen", None) is None or self._gen.device != torch.device(device):
             self._gen = torch.Generator(device=device)
-        rank, _ = self.rank_and_world
+        rank, world = self.rank_and_world
         accum = self.trainer.accumulate_grad_batches if self._trainer else 1
-        micro = getattr(self, "_batch_idx", 0) % accum
-        self._gen.manual_seed(((self.cfg.trainer.seed * 1_000_003 + self.global_step) * 1024 + micro) * 65536 + rank)
+        slot = (getattr(self, "_batch_idx", 0) % accum) * world + rank
+        self._gen.manual_seed(((self.cfg.trainer.seed * 1_000_003 + self.global_step) * 1024 + slot) * 65536)
         return self._gen
+
+    # ---- parallelism (dlmtrain/distributed/) ----------------------------------------------
+    def configure_model(self) -> None:
+        """Lightning calls this in every fit/validate once the processes (and a device mesh) exist."""
+        if self.parallelize is not None:
+            self.parallelize(self)
 
     # ---- training --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -219,11 +231,15 @@ class DiffusionModule(L.LightningModule):
         """
         o = self.cfg.optim
         scheds, opts = checkpoint.get("lr_schedulers") or [], checkpoint.get("optimizer_states") or []
-        if not opts:
+        if opts:
+            groups = opts[0]["param_groups"]
+        elif self._trainer is not None and self.trainer.optimizers:
+            # sharded strategies (DeepSpeed, FSDP2) restored the optimizer already: patch the live one
+            groups = self.trainer.optimizers[0].param_groups
+        else:
             return
         step = int(scheds[0].get("last_epoch", 0)) if scheds else 0
         factor = lr_lambda(o.warmup_steps, self.cfg.trainer.max_steps, o.decay, o.min_lr_ratio)(step)
-        groups = opts[0]["param_groups"]
         for i, g in enumerate(groups):
             g.update(lr=o.lr * factor, initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                      weight_decay=o.weight_decay if i == 0 else 0.0)
