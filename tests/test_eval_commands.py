@@ -128,7 +128,10 @@ def test_sample_quality_callback_logs_gen_ppl_beside_entropy_and_wandb_table(run
         assert float(r["samples/gen_ppl"]) > 1 and 0 < float(r["samples/entropy"]) <= torch.log(torch.tensor(64.0))
         assert r["samples/distinct_4"] and r["samples/nfe"] and r["samples/tokens_per_s"]
     logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert logs and b"samples/table" in logs[0].read_bytes()
+    assert logs
+    from wandb_files import wait_for_bytes  # wandb may still be appending after finish()
+
+    assert b"samples/table" in wait_for_bytes(logs[0].read_bytes, (b"samples/table",))
 
 
 def test_missing_eval_lm_fails_before_anything_is_written(run, tmp_path):
