@@ -80,6 +80,10 @@ class MDLMObjective:
     time_conditioning: bool = False  # feed the noise level to the backbone (adaLN)
     antithetic: bool = True  # stratified t over the global batch (lower variance)
     random_length_fraction: float = 0.0  # LLaDA: this share of training sequences is cut to a random length (0.01)
+    # Output head + cross-entropy only at the masked positions (SUBS scores nothing else), chunked
+    # so [tokens x V] float32 logits never exist at once; same loss, NELBO and gradients (tests/modules/test_mdlm_masked_head.py)
+    masked_head: bool = True
+    ce_chunk_size: int = 4096  # rows of logits per chunk with masked_head (0: all at once)
 
 
 @dataclass
@@ -547,6 +551,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"objective.self_cond_prob={ob.self_cond_prob} must lie in [0, 1]")
     if "random_length_fraction" in ob and not 0 <= ob.random_length_fraction <= 1:
         raise ConfigError(f"objective.random_length_fraction={ob.random_length_fraction} must lie in [0, 1]")
+    if "ce_chunk_size" in ob and ob.ce_chunk_size < 0:
+        raise ConfigError(f"objective.ce_chunk_size={ob.ce_chunk_size} must be >= 0 (0: one chunk); set e.g. 4096")
     o = cfg.optim
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dlmtrain.backbone.attention import AttentionPlan
+from dlmtrain.backbone.chunked_ce import chunked_linear_nll
 
 
 def segment_ids_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -193,9 +194,15 @@ class Block(nn.Module):
 
 
 class VocabHead(nn.Linear):
-    """Output projection computed in float32, also under bf16 autocast."""
+    """Output projection computed in float32, also under bf16 autocast.
 
-    def forward(self, x):
+    With ``targets`` it returns -log softmax(x W^T + b)[target] per row instead of the logits,
+    chunked (chunked_ce.py): the [rows x V] float32 logits never exist at once. Called through
+    this forward (not by reading ``weight`` from outside) so sharding hooks gather the weight."""
+
+    def forward(self, x, targets=None, exclude: int = -1, chunk_size: int = 0):
+        if targets is not None:
+            return chunked_linear_nll(x, self.weight, self.bias, targets, exclude, chunk_size)
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32 (float64 stays float64)
         with torch.autocast(device_type=x.device.type, enabled=False):
             bias = None if self.bias is None else self.bias.to(dtype)
@@ -265,7 +272,8 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids=None, *, inputs_embeds=None, sigma=None, segment_ids=None,
                 attention_mask=None, attn_mask=None, position_ids=None, cache=None, commit=True,
-                block_mask=None, out_positions: slice | None = None) -> torch.Tensor:
+                block_mask=None, out_positions: slice | None = None, out_mask=None, targets=None,
+                exclude: int = -1, chunk_size: int = 0) -> torch.Tensor:
         """See the class docstring; the masks combine with AND (see attention.py).
 
         input_ids [B, L] or inputs_embeds [B, L, hidden] (exactly one); sigma [B], or [B, L] for
@@ -275,6 +283,10 @@ class Backbone(nn.Module):
         CUDA, attention.py); position_ids [L] or [B, L] (rotary positions; default 0..L-1;
         repeats allowed); out_positions: only these positions go through the output norm and
         head (the logits of the others are not needed, e.g. block diffusion's clean copy).
+        out_mask [B, L] bool: likewise, but any positions; the result is then [M, out_dim] for the
+        M selected positions in row-major order (``x[out_mask]``). With ``targets`` [M] the head
+        returns the chunked -log softmax(logits)[target] [M] instead (VocabHead; ``exclude``: a
+        column kept out of the softmax, e.g. [MASK] under SUBS; ``chunk_size`` rows at a time).
 
         cache: a :class:`~dlmtrain.backbone.kv_cache.KVCache`; the L positions are then the next
         ones after those it holds (kv_cache.py), attn_mask is over [B, H, L, cached + L] and
@@ -302,6 +314,14 @@ class Backbone(nn.Module):
         if out_positions is not None:
             x = x[:, out_positions]
             c = c[:, out_positions] if c is not None and c.dim() == 3 else c
+        if out_mask is not None:
+            # one pseudo-row [1, M, .] so per-position conditioning broadcasts as usual
+            x = x[out_mask][None]
+            if c is not None:
+                c = (c if c.dim() == 3 else c[:, None].expand(B, L, c.shape[-1]))[out_mask][None]
+            if targets is not None:
+                return self._out(x, c, targets, exclude, chunk_size)[0]
+            return self._out(x, c)[0]
         return self._out(x, c)
 
     def _embed(self, input_ids, inputs_embeds, sigma):
@@ -321,11 +341,13 @@ class Backbone(nn.Module):
             c = F.silu(self.time(sigma))
         return x, c
 
-    def _out(self, x, c):
+    def _out(self, x, c, targets=None, exclude=-1, chunk_size=0):
         x = self.norm(x)
         if self.final_ada is not None:
             shift, scale = adaln(self.final_ada, c, 2)
             x = modulate(x, shift, scale)
+        if targets is not None:
+            return self.head(x[0], targets, exclude, chunk_size)[None]
         return self.head(x)
 
     def _forward_cached(self, input_ids, inputs_embeds, sigma, attn_mask, cache, commit, *unsupported):
