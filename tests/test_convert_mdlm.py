@@ -21,12 +21,7 @@ V, HIDDEN, BLOCKS, HEADS, COND = 50, 32, 2, 4, 24  # V includes their [MASK] (id
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from chain_oracles import one_thread  # noqa: E402,F401  (autouse: one thread for tiny tensors)
 
 
 def _their_ckpt(path, tc: bool, with_ema: bool = True, **cfg_extra):

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dlmtrain.diffusion.schedules import stratified_times
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.ema import EMA
 
@@ -116,6 +117,13 @@ class DiffusionModule(L.LightningModule):
         if self._trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
+
+    def training_times(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One t per row, stratified over the global batch without communication (rank offset)."""
+        rank, world = self.rank_and_world
+        b = x0.shape[0]
+        return stratified_times(b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic,
+                                generator=generator, device=x0.device)
 
     def step_generator(self, device) -> torch.Generator:
         """The training step's randomness (times, masks), a pure function of (seed, step,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
 from dlmtrain.diffusion.d3pm import absorb_step_weight, alpha_bars, corrupt_d3pm, draw_steps, prior_kl
 from dlmtrain.diffusion.masked import masked_token_nll
-from dlmtrain.diffusion.schedules import draw_times, stratified_times
+from dlmtrain.diffusion.schedules import draw_times
 from dlmtrain.diffusion.uniform import uniform_step_kl
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
@@ -90,11 +90,8 @@ class D3PM(DiffusionModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         x0, am = batch["input_ids"], batch.get("attention_mask")
-        rank, world = self.rank_and_world
-        b = x0.shape[0]
         g = self.step_generator(x0.device)
-        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic,
-                             generator=g, device=x0.device)
+        t = self.training_times(x0, g)
         vlb, ce = self._token_terms(x0, draw_steps(t, self.T), am, batch.get("segment_ids"), generator=g)
         lam = self.cfg.objective.hybrid_lambda
         total = vlb.sum() + (lam * self.T) * ce.sum() if lam > 0 else vlb.sum()

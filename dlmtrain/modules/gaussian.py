@@ -44,7 +44,7 @@ from dlmtrain.backbone import Backbone
 from dlmtrain.diffusion.d3pm import draw_steps
 from dlmtrain.diffusion.gaussian import (diffuse, diffusion_term, discrete_diffusion_term, input_scale, loglik_logits,
                                          make_gamma, normalize_embeddings, prior_kl, reconstruction_nll, x0_embedding)
-from dlmtrain.diffusion.schedules import draw_times, stratified_times
+from dlmtrain.diffusion.schedules import draw_times
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
 from dlmtrain.sampling.gaussian import GAUSSIAN_SAMPLERS
@@ -179,11 +179,9 @@ class Gaussian(DiffusionModule):
     def loss(self, batch: dict) -> torch.Tensor:
         x0, am = batch["input_ids"], batch.get("attention_mask")
         o = self.cfg.objective
-        rank, world = self.rank_and_world
         b = x0.shape[0]
         g = self.step_generator(x0.device)
-        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=o.antithetic, generator=g,
-                             device=x0.device)
+        t = self.training_times(x0, g)
         sc_rows = (torch.rand(b, generator=g, device=g.device) < o.self_cond_prob).to(x0.device)
         grad_scale = [None]
         terms = self.nelbo_terms(x0, t, am, g, sc_rows, grad_scale=grad_scale)

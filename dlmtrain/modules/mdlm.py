@@ -31,7 +31,7 @@ from dlmtrain.backbone import Backbone, segment_ids_from_eos
 from dlmtrain.diffusion.masked import (
     corrupt, discrete_weights, masked_token_nll, random_length_mask, subs_logits, time_weights,
 )
-from dlmtrain.diffusion.schedules import draw_times, get_schedule, stratified_times
+from dlmtrain.diffusion.schedules import draw_times, get_schedule
 from dlmtrain.errors import ConfigError
 from dlmtrain.modules.base import DiffusionModule
 from dlmtrain.sampling.masked import MASKED_SAMPLERS
@@ -97,10 +97,8 @@ class MDLM(DiffusionModule):
     def loss(self, batch: dict) -> torch.Tensor:
         x0, am, pm = batch["input_ids"], batch.get("attention_mask"), batch.get("prompt_mask")
         o = self.cfg.objective
-        rank, world = self.rank_and_world
-        b = x0.shape[0]
         g = self.step_generator(x0.device)
-        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=o.antithetic, generator=g, device=x0.device)
+        t = self.training_times(x0, g)
         if o.random_length_fraction > 0:
             keep = random_length_mask(x0.shape, o.random_length_fraction, g, x0.device)
             am = keep if am is None else am.bool() & keep

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
 from dlmtrain.diffusion.masked import corrupt
-from dlmtrain.diffusion.schedules import draw_times, stratified_times
+from dlmtrain.diffusion.schedules import draw_times
 from dlmtrain.diffusion.score_entropy import (absorb_terms, corrupt_uniform, noise_schedule, prior_kl,
                                               uniform_decoder_log_probs, uniform_dse)
 from dlmtrain.errors import ConfigError
@@ -102,12 +102,8 @@ class SEDD(DiffusionModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         x0, am = batch["input_ids"], batch.get("attention_mask")
-        rank, world = self.rank_and_world
-        b = x0.shape[0]
         g = self.step_generator(x0.device)
-        t = stratified_times(
-            b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic, generator=g, device=x0.device
-        )
+        t = self.training_times(x0, g)
         per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g)
         return per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from dlmtrain.backbone import Backbone, segment_ids_from_eos
 from dlmtrain.diffusion.d3pm import draw_steps
-from dlmtrain.diffusion.schedules import draw_times, get_schedule, stratified_times
+from dlmtrain.diffusion.schedules import draw_times, get_schedule
 from dlmtrain.diffusion.uniform import corrupt_uniform, uniform_integrand, uniform_prior_kl, uniform_step_kl
 from dlmtrain.modules.base import DiffusionModule
 from dlmtrain.modules.d3pm import check_document_mask, fixed_positions
@@ -87,11 +87,8 @@ class UDLM(DiffusionModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         x0, am = batch["input_ids"], batch.get("attention_mask")
-        rank, world = self.rank_and_world
-        b = x0.shape[0]
         g = self.step_generator(x0.device)
-        t = stratified_times(b, offset=rank * b, total=world * b, antithetic=self.cfg.objective.antithetic,
-                             generator=g, device=x0.device)
+        t = self.training_times(x0, g)
         per_tok = self._token_nelbo(x0, t, am, batch.get("segment_ids"), generator=g)
         return (per_tok.sum() / self.scored_tokens(x0, am).sum().clamp_min(1)).float()
 

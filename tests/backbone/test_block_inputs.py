@@ -14,12 +14,7 @@ from dlmtrain.diffusion.block import attention_mask, block_causal_mask, mask_mod
 V = 13
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from chain_oracles import one_thread  # noqa: E402,F401  (autouse: one thread for tiny tensors)
 
 
 def make(use_cond=False, seed=0):

@@ -9,12 +9,7 @@ from dlmtrain.config import ModelConfig
 V = 29
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from chain_oracles import one_thread  # noqa: E402,F401  (autouse: one thread for tiny tensors)
 
 
 def make(causal=True, use_cond=False, seed=0):

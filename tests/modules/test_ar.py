@@ -15,12 +15,7 @@ P = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
 V = 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from chain_oracles import one_thread  # noqa: E402,F401  (autouse: one thread for tiny tensors)
 
 
 def real(*extra, seed=0):

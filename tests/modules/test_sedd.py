@@ -19,13 +19,7 @@ P4 = np.full((4, 4), 0.05) + 0.8 * np.eye(4)  # sticky chain: 0.59 nats/token, u
 V = 5  # write_markov declares the 4 states + EOS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one thread is faster, and on a shared machine two threads contend badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from chain_oracles import one_thread  # noqa: E402,F401  (autouse: one thread for tiny tensors)
 
 
 @pytest.fixture(scope="module")
