@@ -34,6 +34,7 @@ examples:
   dlmtrain train configs/demo.yaml model=small trainer=gpu optim.lr=1e-3
   dlmtrain train configs/demo.yaml data.manifest=data/web/manifest.json run.name=web
   dlmtrain sweep configs/sweeps/lr.yaml --dry-run             # list the runs of a sweep; drop --dry-run to run them
+  dlmtrain submit --nodes 2 --gpus-per-node 8 --time 24:00:00 configs/demo.yaml trainer=gpu   # a SLURM job
   dlmtrain bench model --size small --seq-len 1024 --batch-size 16
   dlmtrain bench train configs/demo.yaml trainer.devices=2 strategy=fsdp --steps 10
 
@@ -86,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "one after another; --dry-run lists them, --summary tabulates their final metrics.")
     sweepcmd.add_arguments(sw)
     sw.set_defaults(func=sweepcmd.run_command)
+
+    from dlmtrain.launch import submit as submitcmd
+
+    sb = sub.add_parser("submit", help="submit training as a SLURM job (multi-node, requeued on preemption), or run "
+                        "it here with --local", description=submitcmd.__doc__.split("\n\n")[0].strip("` ") + ": "
+                        "a SLURM batch job that trains CONFIG, saves last.ckpt before its time limit, requeues itself "
+                        "and resumes.", epilog=submitcmd.__doc__.split("\n\n", 1)[1],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    submitcmd.add_arguments(sb)
+    sb.set_defaults(func=submitcmd.run_submit)
 
     from dlmtrain.checkpoint import convert as convcmd
 

@@ -158,6 +158,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
     from dlmtrain.data import DataMetrics, build_datamodule
     from dlmtrain.distributed import check as check_strategy
     from dlmtrain.distributed import check_resume, prepare
+    from dlmtrain.launch.slurm import cluster_plugins
     from dlmtrain.loggers import RunCSVLogger, quiet_lightning, wandb_logger
     from dlmtrain.modules import build_module
 
@@ -248,7 +249,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, command: str = "
             log_every_n_steps=t.log_every_n_steps,
             logger=loggers,
             callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
             enable_progress_bar=bar,
             enable_model_summary=False,
             enable_checkpointing=False,  # RunCheckpoints does it
