@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/dlmtrain train configs/demo.yaml $(ARGS)
 
-# Two steps: the suite, then the multi-process (gloo) runs of tests/distributed (exit 5: none selected by ARGS)
+# Three steps: the suite; the multi-process (gloo) runs of tests/distributed; the SLURM path under a real
+# single-node Slurm (skipped unless root with slurm-wlm + munge installed, as .ci/run does). Exit 5: none selected by ARGS.
 test: setup
 	$(PY) -m pytest -q $(ARGS)
 	$(PY) -m pytest -q -m 'distributed and not slow' $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m 'slurm and not slow' $(ARGS) || [ $$? -eq 5 ]

@@ -27,6 +27,7 @@ from dlmtrain import load_config
 from dlmtrain.callbacks.guards import NonFiniteGuard
 from dlmtrain.config import batch_split
 from dlmtrain.distributed import check, prepare
+from dlmtrain.launch.slurm import cluster_plugins
 from dlmtrain.modules import build_module
 
 GLOBAL, SEQ, STEPS = 8, 32, 3
@@ -70,8 +71,10 @@ def main() -> None:
     cfg = load_config("configs/demo.yaml", [
         f"trainer.devices={devices}", f"trainer.global_batch_size={GLOBAL}", f"data.seq_len={SEQ}",
         "model.vocab_size=260", "objective.antithetic=false", "trainer.micro_batch_size=4", "optim.warmup_steps=0", "optim.lr=1e-2", "optim.grad_clip=1.0", *overrides])
-    micro, accum = batch_split(GLOBAL, int(cfg.trainer.micro_batch_size), devices)
-    check(cfg, devices, "32-true")
+    nodes = int(cfg.trainer.num_nodes)  # > 1: one process per "node", started with the environment Slurm gives
+    world = devices * nodes
+    micro, accum = batch_split(GLOBAL, int(cfg.trainer.micro_batch_size), world)
+    check(cfg, world, "32-true")
     L.seed_everything(0, verbose=False)
     module = build_module(cfg)
     inner = module.training_step
@@ -82,9 +85,10 @@ def main() -> None:
         return loss
 
     module.training_step = training_step
-    parallel = prepare(cfg, module, devices, micro, "32-true")
+    parallel = prepare(cfg, module, world, micro, "32-true")
     rec = Record()
-    trainer = L.Trainer(accelerator="cpu", devices=devices, precision="32-true", max_steps=STEPS,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, plugins=cluster_plugins(),
+                        precision="32-true", max_steps=STEPS,
                         accumulate_grad_batches=accum, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -94,7 +98,9 @@ def main() -> None:
     trainer.save_checkpoint(out / "final.ckpt")
     if trainer.is_global_zero:
         (out / "steps.json").write_text(json.dumps({"loss": rec.losses, "grad_norm": rec.norms, "probe_raw": raw,
-                                                    "probe_ema": ema, "probe_raw_after": raw_after}))
+                                                    "probe_ema": ema, "probe_raw_after": raw_after,
+                                                    "world_size": trainer.world_size, "node_rank": trainer.node_rank,
+                                                    "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}))
 
 
 @torch.no_grad()
