@@ -10,6 +10,7 @@ with `scontrol update StartTime=now`. Run with `-m slurm` (as root; .ci/run inst
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -108,7 +109,8 @@ def test_submit_trains_stops_requeues_and_resumes_under_real_slurm(cluster, make
     assert ck["global_step"] == 150
     # one W&B run continued over the three starts: three offline segments under the same id
     runs = sorted((tmp_path / "runs/e2e/wandb").glob("offline-run-*"))
-    ids = {p.name.rsplit("-", 1)[1] for p in runs}
-    assert len(runs) == 3 and len(ids) == 1 and ids.pop().startswith("dlm"), [p.name for p in runs]
+    ids = {p.name.split("-", 3)[3] for p in runs}  # offline-run-<time>-<id>
+    want = "dlm-" + hashlib.sha256(str((tmp_path / "runs/e2e").resolve()).encode()).hexdigest()[:12]
+    assert len(runs) == 3 and ids == {want}, [p.name for p in runs]
     print(f"\n[slurm e2e] job {job}: stopped at {first} (USR1, self-requeue) and {second} (scontrol requeue), "
           f"resumed at {resumed}, finished at 150 with Restarts=2")
