@@ -99,6 +99,8 @@ def wandb_logger(cfg, out: Path):
         if not has_key:
             print(f"[dlmtrain] no W&B API key configured: logging offline to {out / 'wandb'} (wandb sync to upload)")
     run_id = "dlm-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]  # requeues continue the run
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        run_id = os.environ["WANDB_RUN_ID"]  # a W&B sweep agent's run: the agent waits for this id
     # silent: wandb's own banner, a deprecation warning about a setting Lightning passes, and
     # colour codes written to log files at exit; dlmtrain prints the one line that matters
     logger = WandbLogger(

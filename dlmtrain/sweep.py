@@ -28,6 +28,7 @@ metrics into one table (Markdown and CSV in the sweep directory).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import difflib
 import io
@@ -69,6 +70,8 @@ class Sweep:
     config: str
     dir: Path
     runs: list[Run]
+    spec: dict = field(default_factory=dict)  # the file as read
+    extra: list[str] = field(default_factory=list)  # the command line's overrides for every run
 
 
 def _fmt(v) -> str:
@@ -135,8 +138,10 @@ def _run_name(template: str | None, varied: dict[str, str], cfg, where: str) -> 
     return _safe(re.sub(r"\{([^{}]+)\}", sub, template))
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, expand and validate a sweep file (every run's config is composed here)."""
+def load_sweep(path: str | Path, extra: list[str] | None = None, agent: list[str] | None = None) -> Sweep:
+    """Read, expand and validate a sweep file (every run's config is composed here). ``extra``:
+    overrides for every run after the file's; ``agent``: the one run a W&B agent asks for
+    (``key=value`` for each swept key) instead of the expansion."""
     import numpy as np
     import yaml
 
@@ -155,7 +160,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not spec.get("config"):
         raise ConfigError(f"{path}: 'config' (the base config, e.g. configs/demo.yaml) is required")
     name = _safe(str(spec.get("name") or path.stem))
-    base = [str(o) for o in spec.get("overrides") or []]
+    base = [str(o) for o in spec.get("overrides") or []] + list(extra or [])
     for o in base:
         if o.split("=", 1)[0] in ("run.dir", "run.name"):
             raise ConfigError(f"{path}: overrides set {o.split('=', 1)[0]}, which the sweep sets per run; use 'dir'")
@@ -187,11 +192,19 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: nothing to sweep; give a grid, random draws or seeds")
 
     out = Path(spec["dir"]) if spec.get("dir") else Path("runs") / name
+    if agent is not None:  # a W&B agent's run: its swept values; the rest of the command line applies to it
+        swept = [*grid, *(rnd or {}).get("params", {}), *(["trainer.seed"] if seeds else [])]
+        base += [a for a in agent if a.partition("=")[0] not in swept] + ["logger.wandb.enabled=true"]
+        combos_out = [_agent_values([a for a in agent if a.partition("=")[0] in swept], swept, path)]
+    else:
+        combos_out = []
+        for combo, draw, seed in itertools.product(combos, draws, seeds or [None]):
+            varied = {k: _fmt(v) for k, v in {**combo, **draw}.items()}
+            if seed is not None:
+                varied["trainer.seed"] = str(seed)
+            combos_out.append(varied)
     runs, names = [], {}
-    for combo, draw, seed in itertools.product(combos, draws, seeds or [None]):
-        varied = {k: _fmt(v) for k, v in {**combo, **draw}.items()}
-        if seed is not None:
-            varied["trainer.seed"] = str(seed)
+    for varied in combos_out:
         i = len(runs)
         sets = [f"{k}={v}" for k, v in varied.items()]
         where = f"{path}: run {i} ({' '.join(sets)})"
@@ -206,7 +219,21 @@ def load_sweep(path: str | Path) -> Sweep:
         names[run_name] = i
         run_dir = out / run_name
         runs.append(Run(i, run_name, run_dir, varied, [*base, *sets, f"run.name={name}-{run_name}", f"run.dir={run_dir}"]))
-    return Sweep(path, name, str(spec["config"]), out, runs)
+    return Sweep(path, name, str(spec["config"]), out, runs, spec, list(extra or []))
+
+
+def _agent_values(agent: list[str], keys: list[str], path) -> dict[str, str]:
+    """The swept values a W&B agent passes (``key=value``, one per swept key), as the sweep writes them."""
+    import yaml
+
+    got = {}
+    for item in agent:
+        k, _, v = item.partition("=")
+        got[k] = _fmt(yaml.safe_load(v)) if v else v
+    missing = [k for k in keys if k not in got]
+    if missing:
+        raise ConfigError(f"{path}: --agent: no value for {', '.join(missing)}")
+    return {k: got[k] for k in keys}
 
 
 def _status(run: Run) -> dict:
@@ -251,7 +278,7 @@ class _Forward:
             signal.signal(s, h)
 
 
-def execute(sweep: Sweep, indices: list[int] | None = None, rerun: bool = False, say=print) -> int:
+def execute(sweep: Sweep, indices: list[int] | None = None, rerun: bool = False, say=print, srun: bool = False) -> int:
     """Run the sweep's runs (all, or `indices`) one after another. Exit code: 0 when every run finished
     (or was stopped by a signal with its state saved), 1 when some run failed (the others still ran)."""
     from dlmtrain.train import write_atomic
@@ -272,6 +299,8 @@ def execute(sweep: Sweep, indices: list[int] | None = None, rerun: bool = False,
                 continue
             say(f"[sweep] {run.index + 1}/{len(sweep.runs)} {run.name}: {' '.join(run.varied_overrides())}", flush=True)
             cmd = [sys.executable, "-m", "dlmtrain.cli", "train", sweep.config, *run.overrides]
+            if srun:  # inside a Slurm job (an array task): one task per GPU of the job
+                cmd = ["srun", "--kill-on-bad-exit=1", *cmd]
             fwd.child = subprocess.Popen(cmd, start_new_session=True)
             code = fwd.child.wait()
             fwd.child = None
@@ -288,6 +317,100 @@ def execute(sweep: Sweep, indices: list[int] | None = None, rerun: bool = False,
     if failed:
         say(f"[sweep] {len(failed)} of {len(todo)} runs failed: {', '.join(failed)}", flush=True)
         return 1
+    return 0
+
+
+def _as_written(v):
+    """A grid value for W&B as the sweep writes it (3e-3 stays "3e-3"), so that an agent's run gets the
+    same name and directory as the same run started by `dlmtrain sweep` (and --summary finds it)."""
+    return v if isinstance(v, (bool, int)) else _fmt(v)
+
+
+def wandb_config(sweep: Sweep) -> dict:
+    """The sweep as a W&B sweep configuration: `wandb sweep` registers it, `wandb agent` runs it, each
+    agent run being `dlmtrain sweep FILE --agent key=value...` (the same run names, directories and
+    validation). W&B sweeps are grid or random, so a file with both is refused; in a random sweep the
+    seeds become one more random choice."""
+    from dlmtrain.config import load_config
+
+    spec, grid, rnd, seeds = sweep.spec, sweep.spec.get("grid") or {}, sweep.spec.get("random"), sweep.spec.get("seeds")
+    if grid and rnd:
+        raise ConfigError(f"{sweep.path}: a W&B sweep is either a grid or random draws; this file has both "
+                          "(split it in two, or run it with dlmtrain sweep / --slurm)")
+    params: dict = {k: {"values": [_as_written(v) for v in vs]} for k, vs in grid.items()}
+    for k, p in (rnd or {}).get("params", {}).items():
+        if isinstance(p, list):
+            params[k] = {"values": [_as_written(v) for v in p]}
+        else:
+            (kind, (lo, hi)), = p.items()
+            dist = {"uniform": "uniform", "loguniform": "log_uniform_values", "int": "int_uniform"}[kind]
+            cast = int if kind == "int" else float
+            params[k] = {"distribution": dist, "min": cast(float(lo)), "max": cast(float(hi))}
+    if seeds:
+        params["trainer.seed"] = {"values": list(seeds)}
+    base = load_config(sweep.config, [*(spec.get("overrides") or []), *sweep.extra])
+    w = base.logger.wandb
+    out = {
+        "name": sweep.name, "method": "random" if rnd else "grid",
+        "metric": {"name": "val/nelbo", "goal": "minimize"}, "parameters": params,
+        "program": "dlmtrain",  # W&B wants one; the command below is what runs
+        "command": ["${env}", sys.executable, "-m", "dlmtrain.cli", "sweep", str(sweep.path.resolve()), "--agent",
+                    *sweep.extra, "${args_no_hyphens}"],
+        "project": w.project,
+    }
+    if w.entity:
+        out["entity"] = w.entity
+    if rnd:
+        out["run_cap"] = len(sweep.runs)
+    return out
+
+
+def submit_array(sweep: Sweep, args) -> int:
+    """One SLURM job array, one task per run (``%N`` at most N at a time); each task is
+    ``dlmtrain sweep FILE --index $SLURM_ARRAY_TASK_ID --srun`` and requeues itself like a
+    `dlmtrain submit` job. Every run is checked against the job's shape first."""
+    import shlex
+
+    from dlmtrain.config import batch_split, load_config
+    from dlmtrain.launch.slurm import find_sbatch, job_from_args, python_command, render, sbatch
+    from dlmtrain.train import write_atomic
+
+    first = load_config(sweep.config, sweep.runs[0].overrides)
+    d = first.trainer.devices
+    job = job_from_args(args, int(d) if isinstance(d, int) or str(d).isdigit() else 1)
+    shape = [f"trainer.num_nodes={job.nodes}", f"trainer.devices={job.gpus_per_node}"]
+    sweep = load_sweep(sweep.path, [*sweep.extra, *shape])  # every run validated with the job's shape
+    gpu = False
+    for run in sweep.runs:
+        cfg = load_config(sweep.config, run.overrides)
+        gpu = gpu or cfg.trainer.accelerator != "cpu"
+        try:
+            batch_split(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, job.world)
+        except ConfigError as e:
+            raise ConfigError(f"run {run.index} ({run.name}): --nodes {job.nodes} x --gpus-per-node "
+                              f"{job.gpus_per_node}: {e}") from None
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise ConfigError(f"--max-parallel {args.max_parallel}: must be at least 1")
+    job.job_name = job.job_name or sweep.name
+    out = sweep.dir.resolve() / "slurm"
+    script = out / "array.sbatch"
+    array = f"0-{len(sweep.runs) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
+    command = (python_command("sweep", str(sweep.path.resolve()), "--srun", *sweep.extra)
+               + ' --index "$SLURM_ARRAY_TASK_ID"')
+    text = render(job, title=f"dlmtrain sweep {sweep.name}: {len(sweep.runs)} runs as a job array", command=command,
+                  workdir=Path.cwd(), log=str(out / "%x-%A_%a.out"), script=script, gpu=gpu, array=array)
+    if args.dry_run:
+        print(text, end="")
+        for r in sweep.runs:
+            print(f"# task {r.index}: {r.name}: {shlex.join(r.varied_overrides())}")
+        return 0
+    find_sbatch()
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(script, text)
+    job_id = sbatch(script, Path.cwd())
+    print(f"[sweep] submitted job array {job_id} ({array}): {len(sweep.runs)} runs of {sweep.config}; logs "
+          f"{out}/{job.job_name}-{job_id}_<task>.out; dlmtrain sweep {sweep.path} --summary when they are done",
+          flush=True)
     return 0
 
 
@@ -334,34 +457,67 @@ def _short(v: str) -> str:
 
 
 def add_arguments(p) -> None:
+    from dlmtrain.launch.slurm import add_job_arguments
+
     p.add_argument("file", help="sweep file (YAML; see dlmtrain/sweep.py or the README)")
+    p.add_argument("overrides", nargs="*", help="key=value for every run, after the file's overrides (with --agent: "
+                   "the swept values of the one run a W&B agent asks for)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--dry-run", action="store_true", help="list every run with its overrides; run nothing")
+    g.add_argument("--dry-run", action="store_true", help="list every run with its overrides (with --slurm: print the "
+                   "array job script); run nothing")
     g.add_argument("--summary", action="store_true", help="collect each run's final metrics into one table "
                    "(printed as Markdown; summary.md and summary.csv in the sweep directory)")
+    g.add_argument("--wandb", action="store_true", help="write the sweep as a W&B sweep configuration "
+                   "(SWEEP_DIR/wandb-sweep.yaml) for `wandb sweep` + `wandb agent`")
+    g.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)  # the command a W&B agent runs
     p.add_argument("--index", type=int, action="append", help="run only run I (repeatable; e.g. "
                    "$SLURM_ARRAY_TASK_ID in a job array)")
     p.add_argument("--rerun", action="store_true", help="also run runs that finished before")
     p.add_argument("--metrics", help="comma-separated metrics for --summary (default: the val/ and samples/ figures present)")
+    p.add_argument("--slurm", action="store_true", help="submit the runs as one SLURM job array (one task per run, "
+                   "each requeued on preemption like dlmtrain submit); job options below")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N", help="--slurm: at most N runs at a time "
+                   "(the array's %%N)")
+    p.add_argument("--srun", action="store_true", help="start each run's training under srun (inside a Slurm job; "
+                   "the array script uses it)")
+    add_job_arguments(p, gpus_default_help="trainer.devices of the runs' config, else 1")
 
 
 def run_command(args) -> int:
-    sweep = load_sweep(args.file)
+    agent = args.overrides if args.agent else None
+    sweep = load_sweep(args.file, [] if args.agent else args.overrides, agent)
     for i in args.index or []:
         if not 0 <= i < len(sweep.runs):
             raise ConfigError(f"--index {i}: the sweep {args.file} has runs 0..{len(sweep.runs) - 1}")
+    if args.slurm:
+        if args.summary or args.wandb or args.agent or args.index or args.srun:
+            raise ConfigError("--slurm submits every run of the sweep as a job array; it takes only --dry-run, "
+                              "--max-parallel and the job options")
+        return submit_array(sweep, args)
+    if args.max_parallel is not None:
+        raise ConfigError("--max-parallel applies to --slurm job arrays")
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs of {sweep.config} in {sweep.dir}")
         for r in sweep.runs:
             print(f"  [{r.index}] {r.name}: dlmtrain train {sweep.config} {' '.join(r.overrides)}")
         return 0
-    if args.summary:
-        from dlmtrain.train import write_atomic
+    from dlmtrain.train import write_atomic
 
+    if args.summary:
         md, table = summary(sweep, args.metrics.split(",") if args.metrics else None)
         print(md, end="")
         if sweep.dir.is_dir():
             write_atomic(sweep.dir / "summary.md", md)
             write_atomic(sweep.dir / "summary.csv", table)
         return 0
-    return execute(sweep, args.index, args.rerun)
+    if args.wandb:
+        import yaml
+
+        text = yaml.safe_dump(wandb_config(sweep), sort_keys=False)
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(sweep.dir / "wandb-sweep.yaml", text)
+        print(text, end="")
+        print(f"[sweep] wrote {sweep.dir / 'wandb-sweep.yaml'}; register it with `wandb sweep {sweep.dir / 'wandb-sweep.yaml'}` "
+              "and start agents (on any machine with this checkout) with `wandb agent ENTITY/PROJECT/SWEEP_ID`")
+        return 0
+    return execute(sweep, args.index, args.rerun, srun=args.srun)
