@@ -103,7 +103,7 @@ def wandb_logger(cfg, out: Path):
         run_id = os.environ["WANDB_RUN_ID"]  # a W&B sweep agent's run: the agent waits for this id
     # silent: wandb's own banner, a deprecation warning about a setting Lightning passes, and
     # colour codes written to log files at exit; dlmtrain prints the one line that matters
-    logger = WandbLogger(
+    logger = _guarded(WandbLogger)(
         project=w.project, entity=w.entity or None, name=cfg.run.name, save_dir=str(out), id=run_id,
         resume="allow", mode=mode, tags=list(w.tags), settings=wandb.Settings(silent=True),
     )
@@ -113,6 +113,46 @@ def wandb_logger(cfg, out: Path):
         if url:
             print(f"[dlmtrain] W&B run: {url}")
     return logger
+
+
+def _guarded(base):
+    """``base`` (WandbLogger) whose logging calls never stop training: when W&B fails (its service
+    process killed with the job step by a preemption's TERM, a network error) the first failure is
+    reported in one line and W&B logging stops; RUN/logs/metrics.csv keeps every metric."""
+
+    class GuardedWandbLogger(base):
+        _broken = False
+
+        def _call(self, name, *args, **kwargs):
+            if self._broken:
+                return None
+            try:
+                return getattr(super(), name)(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a logger must not end a run
+                self._broken = True
+                print(f"[dlmtrain] WARNING: W&B logging failed ({type(e).__name__}: {e}); continuing without W&B "
+                      "(metrics.csv has everything; a resumed run continues the same W&B run)", flush=True)
+                return None
+
+        def log_metrics(self, *a, **k):
+            return self._call("log_metrics", *a, **k)
+
+        def log_hyperparams(self, *a, **k):
+            return self._call("log_hyperparams", *a, **k)
+
+        def log_text(self, *a, **k):
+            return self._call("log_text", *a, **k)
+
+        def log_table(self, *a, **k):
+            return self._call("log_table", *a, **k)
+
+        def after_save_checkpoint(self, *a, **k):
+            return self._call("after_save_checkpoint", *a, **k)
+
+        def finalize(self, *a, **k):
+            return self._call("finalize", *a, **k)
+
+    return GuardedWandbLogger
 
 
 def _netrc() -> str:

@@ -95,7 +95,7 @@ class SampleQuality(L.Callback):
         self.last_stats = stats
         for lg in trainer.loggers:
             lg.log_metrics(stats, step=step)
-            if type(lg).__name__ == "WandbLogger":
+            if "WandbLogger" in {c.__name__ for c in type(lg).__mro__}:  # without importing wandb
                 lg.log_text(key="samples/table", columns=["step", "sampler", "steps", "nfe", "text"],
                             data=[[step, sp.sampler, sp.steps, res.nfe, t] for t in texts], step=step)
         return stats

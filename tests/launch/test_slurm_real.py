@@ -114,3 +114,37 @@ def test_submit_trains_stops_requeues_and_resumes_under_real_slurm(cluster, make
     assert len(runs) == 3 and ids == {want}, [p.name for p in runs]
     print(f"\n[slurm e2e] job {job}: stopped at {first} (USR1, self-requeue) and {second} (scontrol requeue), "
           f"resumed at {resumed}, finished at 150 with Restarts=2")
+
+
+def test_a_sweep_runs_as_a_job_array_one_run_at_a_time_and_summarizes(cluster, make_corpus, tmp_path):
+    manifest = make_corpus(["alpha", "beta", "gamma"], 20, 40, 3, "--val-fraction", "0.2")
+    f = tmp_path / "sweep.yaml"
+    f.write_text(f"""
+name: arr
+config: {ROOT / 'configs/demo.yaml'}
+overrides: [data.manifest={manifest}, trainer.max_steps=4, trainer.global_batch_size=8, trainer.val_every_n_steps=4,
+            trainer.limit_val_batches=1, trainer.val_before_training=false, eval.sample_every_n_steps=0, model.n_layers=1]
+grid: {{optim.lr: [3e-3, 1e-3]}}
+run_name: "lr{{optim.lr}}"
+""")
+    env = {**cluster.env, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "dlmtrain.cli", "sweep", str(f), "--slurm", "--max-parallel", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job = re.search(r"submitted job array (\d+) \(0-1%1\)", r.stdout).group(1)
+    tasks = [f"{job}_0", f"{job}_1"]
+
+    seen_running = set()
+
+    def done():
+        states = [cluster.job(t).get("JobState") for t in tasks]
+        seen_running.add(sum(s == "RUNNING" for s in states))
+        return all(s == "COMPLETED" for s in states)
+    wait_for("both array tasks to complete", done, timeout_s=300, every_s=0.3)
+    assert max(seen_running) == 1  # %1: one run at a time
+    md = subprocess.run([sys.executable, "-m", "dlmtrain.cli", "sweep", str(f), "--summary"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120).stdout
+    rows = [line for line in md.splitlines() if line.startswith("| lr")]
+    assert len(rows) == 2 and all("| 4 | finished |" in row for row in rows), md
+    logs = sorted((tmp_path / "runs/arr/slurm").glob("arr-*.out"))
+    assert [p.name for p in logs] == [f"arr-{job}_0.out", f"arr-{job}_1.out"]

@@ -178,3 +178,26 @@ def test_the_template_passes_the_signal_on_and_requeues_only_after_usr1_and_a_cl
     calls = (tmp_path / "scontrol").read_text().split("\n") if (tmp_path / "scontrol").exists() else []
     assert calls[:1] == (["requeue 77"] if requeued else []), out
     assert f"[dlmtrain] exit {step_exit}" in out
+
+
+def test_a_failing_wandb_service_warns_once_and_never_stops_training(tmp_path, capsys, monkeypatch):
+    """A preemption's TERM kills W&B's service process with the job step; the next log call must
+    not raise (the run still has to save last.ckpt)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dlmtrain.loggers import wandb_logger
+
+    calls = []
+
+    def broken(self, metrics, step=None):
+        calls.append(step)
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", broken)
+    cfg = load_config(DEMO, ["logger.wandb.enabled=true", "logger.wandb.mode=offline"])
+    lg = wandb_logger(cfg, tmp_path)
+    assert isinstance(lg, WandbLogger)
+    assert lg.log_metrics({"train/loss": 1.0}, step=1) is None
+    assert lg.log_metrics({"train/loss": 1.0}, step=2) is None  # no second attempt, no second warning
+    out = capsys.readouterr().out
+    assert calls == [1] and out.count("W&B logging failed (ConnectionResetError: Connection lost)") == 1
