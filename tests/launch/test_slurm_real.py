@@ -74,7 +74,12 @@ def test_submit_trains_stops_requeues_and_resumes_under_real_slurm(cluster, make
         def check():
             j = cluster.job(job)
             if j.get("Restarts") == str(count) and j.get("JobState") == "PENDING":
-                # release it now instead of after Slurm's ~2 minute hold of requeued batch jobs
+                # release it now instead of after Slurm's ~2 minute hold of requeued batch jobs, once the
+                # node is idle and a second has passed (a relaunch in the second its credential was
+                # revoked is refused: "Job credential revoked")
+                wait_for("the node to be idle", lambda: subprocess.run(
+                    ["sinfo", "-h", "-o", "%T"], env=cluster.env, capture_output=True, text=True).stdout.strip() == "idle")
+                time.sleep(2)
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, check=True)
                 return True
             return False

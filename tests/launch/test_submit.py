@@ -201,3 +201,42 @@ def test_a_failing_wandb_service_warns_once_and_never_stops_training(tmp_path, c
     assert lg.log_metrics({"train/loss": 1.0}, step=2) is None  # no second attempt, no second warning
     out = capsys.readouterr().out
     assert calls == [1] and out.count("W&B logging failed (ConnectionResetError: Connection lost)") == 1
+
+
+def test_the_launch_wrappers_run_dlmtrain_submit(tmp_path):
+    for name, extra in (("submit", ["--dry-run"]), ("local", [])):
+        script = ROOT / "launch" / name
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        # a bad shape: the same one-line refusal as `dlmtrain submit`, exit 2, nothing written
+        r = subprocess.run([str(script), *extra, "--gpus-per-node", "3", DEMO], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and "not divisible by the world size 3" in r.stderr, r.stderr
+    r = subprocess.run([str(ROOT / "launch/submit"), "--dry-run", DEMO], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "#SBATCH --requeue" in r.stdout and files(tmp_path) == []
+
+
+def test_local_honours_time_with_a_save_before_it_and_the_next_start_resumes_there(tmp_path, make_corpus):
+    """--local --time 0:14 --signal-s 10: USR1 to itself after 4 s saves last.ckpt and exits 0 (as the
+    Slurm job would before requeueing); the same command resumes at that step."""
+    import re
+
+    manifest = make_corpus(["alpha", "beta", "gamma"], 20, 40, 5, "--val-fraction", "0.2")
+    args = [sys.executable, "-m", "dlmtrain.cli", "submit", "--local", "--signal-s", "10", DEMO,
+            f"data.manifest={manifest}", "run.name=loc", "trainer.global_batch_size=8", "trainer.val_before_training=false",
+            "trainer.val_every_n_steps=100000", "trainer.limit_val_batches=1", "eval.sample_every_n_steps=0",
+            "trainer.ckpt_every_n_steps=100000", "model.n_layers=1", "data.num_workers=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([*args, "--time", "0:14", "trainer.max_steps=100000"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "received SIGUSR1" in r.stdout, r.stdout[-2000:]
+    step = int(re.search(r"stopped at step (\d+)", r.stdout).group(1))
+    import torch
+
+    assert step > 0 and torch.load(tmp_path / "runs/loc/checkpoints/last.ckpt", map_location="cpu",
+                                   weights_only=False)["global_step"] == step
+    r = subprocess.run([*args, "--time", "10:00", f"trainer.max_steps={step + 2}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"(step {step})" in r.stdout and f"finished at step {step + 2}" in r.stdout, r.stdout[-2000:]
