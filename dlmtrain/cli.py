@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] in (["train"], ["submit"]) and "--dry-run" not in args_in:
+        from dlmtrain.stopsignals import hold
+
+        hold()  # a stop signal during the imports below stops the run cleanly instead of killing it
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`dlmtrain sample CKPT --num 4 sampling.top_p=0.9`)

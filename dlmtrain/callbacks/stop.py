@@ -47,8 +47,10 @@ class StopHandler(L.Callback):
     SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self, checkpoints):
+        from dlmtrain.stopsignals import take
+
         self.checkpoints = checkpoints
-        self.requested: str | None = None  # the name of the first signal received
+        self.requested: str | None = take()  # the name of the first signal received (also before this existed)
 
     # ---- signals -----------------------------------------------------------------------
     def _handler(self, signum, frame):

@@ -217,7 +217,7 @@ def test_the_launch_wrappers_run_dlmtrain_submit(tmp_path):
 
 
 def test_local_honours_time_with_a_save_before_it_and_the_next_start_resumes_there(tmp_path, make_corpus):
-    """--local --time 0:14 --signal-s 10: USR1 to itself after 4 s saves last.ckpt and exits 0 (as the
+    """--local --time 0:20 --signal-s 10: USR1 to itself after 10 s saves last.ckpt and exits 0 (as the
     Slurm job would before requeueing); the same command resumes at that step."""
     import re
 
@@ -227,7 +227,7 @@ def test_local_honours_time_with_a_save_before_it_and_the_next_start_resumes_the
             "trainer.val_every_n_steps=100000", "trainer.limit_val_batches=1", "eval.sample_every_n_steps=0",
             "trainer.ckpt_every_n_steps=100000", "model.n_layers=1", "data.num_workers=0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([*args, "--time", "0:14", "trainer.max_steps=100000"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    r = subprocess.run([*args, "--time", "0:20", "trainer.max_steps=100000"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "received SIGUSR1" in r.stdout, r.stdout[-2000:]
@@ -240,3 +240,20 @@ def test_local_honours_time_with_a_save_before_it_and_the_next_start_resumes_the
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"(step {step})" in r.stdout and f"finished at step {step + 2}" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_stop_signal_during_start_up_stops_cleanly_instead_of_killing_the_process(tmp_path):
+    """Slurm's USR1/TERM can come while `dlmtrain train` is still importing torch: the signal is held
+    and the run stops at its first safe point (exit 4: no checkpoint yet, nothing lost)."""
+    import time
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        p = subprocess.Popen([sys.executable, "-m", "dlmtrain.cli", "train", DEMO, f"run.dir={tmp_path / sig.name}"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)  # after the CLI's first lines, during the imports
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 4, out[-2000:]
+        assert "stopped before training started" in out
+        assert not (tmp_path / sig.name / "checkpoints" / "last.ckpt").exists()
