@@ -134,6 +134,8 @@ class BD3LMObjective:
     antithetic: bool = True  # stratified block times over the global batch x blocks
     clip_min: float = 0.0  # training only: block times ~ U[clip_min, clip_max] (BD3-LM's beta, omega; e.g. 0.3, 0.8
     clip_max: float = 1.0  # for L' = 16). Not a bound unless [0, 1]; nelbo and val/nelbo always use [0, 1]
+    masked_head: bool = True  # as MDLM's: head + chunked cross-entropy only at the masked positions of the x_t copy
+    ce_chunk_size: int = 4096  # rows of logits per chunk with masked_head (0: all at once)
 
 
 @dataclass
