@@ -3,7 +3,7 @@
 masked samplers.
 
     python benchmarks/masked_head.py [--what train nelbo sample] [--seq-len 128] [--batch 8] [--steps 5]
-    [--threads 2] [--vocab 50258] [--chunk 4096] [--sample-batch 4] [--sample-len 64]
+    [--threads 2] [--vocab 50258] [--objective mdlm|bd3lm] [--chunk 4096] [--sample-batch 4] [--sample-len 64]
     [--samplers ancestral first_hitting confidence] [--sample-steps 64] [--repeat 3] [--out results.json]
 
 - train: loss forward + backward (head + chunked cross-entropy at masked positions); tokens/s.
@@ -38,7 +38,7 @@ def _module(masked_head: bool, a: dict, time_conditioning: bool):
 
     from dlmtrain import build_module, load_config
 
-    cfg = load_config(None, ["model=tiny", f"model.vocab_size={a['vocab']}", "optim.ema=0",
+    cfg = load_config(None, [f"objective={a['objective']}", "model=tiny", f"model.vocab_size={a['vocab']}", "optim.ema=0",
                              f"objective.time_conditioning={str(time_conditioning).lower()}",
                              f"objective.masked_head={str(masked_head).lower()}", f"objective.ce_chunk_size={a['chunk']}"])
     torch.manual_seed(0)
@@ -126,6 +126,8 @@ def child(part: str, path: str, a: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--what", nargs="+", choices=["train", "nelbo", "sample"], default=["train", "nelbo", "sample"])
+    p.add_argument("--objective", choices=["mdlm", "bd3lm"], default="mdlm",
+                   help="bd3lm: train and nelbo only (its block samplers do not use the masked head)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed train steps / nelbo calls (after one warm-up)")
@@ -142,6 +144,8 @@ def main() -> None:
     p.add_argument("--child", nargs=2, metavar=("PART", "PATH"), help=argparse.SUPPRESS)
     a = vars(p.parse_args())
     c = a.pop("child")
+    if a["objective"] == "bd3lm" and "sample" in a["what"]:
+        p.error("--objective bd3lm: pass --what train nelbo")
     if c is not None:
         print(json.dumps(child(c[0], c[1], a)))
         return
@@ -156,7 +160,7 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
     import torch
 
-    print(f"MDLM tiny, vocab {a['vocab']}, CPU threads {a['threads']}, torch {torch.__version__}; train/nelbo: batch "
+    print(f"{a['objective']} tiny, vocab {a['vocab']}, CPU threads {a['threads']}, torch {torch.__version__}; train/nelbo: batch "
           f"{a['batch']} x seq {a['seq_len']}, {a['steps']} timed calls; sample: {a['sample_batch']} x "
           f"{a['sample_len']}, {a['sample_steps']} steps")
     print(f"{'part':<22}{'path':<13}{'rate':>10} {'unit':<12}{'s/call':>9}{'NFE':>5}{'peak RSS MiB':>14}  check")
