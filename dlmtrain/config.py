@@ -196,7 +196,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # floor of cosine/linear decay, as a fraction of lr
     grad_clip: float = 1.0  # 0 disables
     ema: float = 0.9999  # 0 disables the EMA
-    # torch's fused AdamW kernel (CUDA, and CPU float32) instead of the foreach one; same update to float
+    # torch's fused AdamW kernel (CUDA, and CPU) instead of the foreach one; same update to float
     # rounding (tests/modules/test_fused_adamw.py). Not with 16-mixed + grad_clip, nor with deepspeed.
     fused: bool = False
 
