@@ -134,6 +134,8 @@ class BD3LMObjective:
     antithetic: bool = True  # stratified block times over the global batch x blocks
     clip_min: float = 0.0  # training only: block times ~ U[clip_min, clip_max] (BD3-LM's beta, omega; e.g. 0.3, 0.8
     clip_max: float = 1.0  # for L' = 16). Not a bound unless [0, 1]; nelbo and val/nelbo always use [0, 1]
+    masked_head: bool = True  # as MDLM's: head + chunked cross-entropy only at the masked positions of the x_t copy
+    ce_chunk_size: int = 4096  # rows of logits per chunk with masked_head (0: all at once)
 
 
 @dataclass
@@ -194,6 +196,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # floor of cosine/linear decay, as a fraction of lr
     grad_clip: float = 1.0  # 0 disables
     ema: float = 0.9999  # 0 disables the EMA
+    # torch's fused AdamW kernel (CUDA, and CPU) instead of the foreach one; same update to float
+    # rounding (tests/modules/test_fused_adamw.py). Not with 16-mixed + grad_clip, nor with deepspeed.
+    fused: bool = False
 
 
 @dataclass
@@ -569,6 +574,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("sampling.temperature must be > 0, sampling.top_p in (0, 1], sampling.cfg_scale >= 0")
     if o.grad_clip < 0 or o.weight_decay < 0 or o.eps <= 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0, optim.eps > 0, optim.min_lr_ratio in [0, 1]")
+    if o.fused and cfg.strategy.name == "deepspeed":
+        raise ConfigError("optim.fused=true with strategy deepspeed: DeepSpeed wraps the optimizer itself and this "
+                          "combination is untested; set optim.fused=false")
+    if o.fused and o.grad_clip > 0 and cfg.trainer.precision == "16-mixed":
+        raise ConfigError("optim.fused=true with trainer.precision=16-mixed and optim.grad_clip > 0: the fused step "
+                          "unscales the gradients itself, after clipping would run; use bf16-mixed or optim.fused=false")
 
 
 # Which strategy options each strategy honours: (strategy name, ZeRO stages or None for any).

@@ -166,14 +166,30 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        # foreach, not fused: Lightning refuses gradient clipping with fused AdamW under AMP
+        kernel = {"fused": True} if o.get("fused", False) else {"foreach": True}
         opt = torch.optim.AdamW(
-            param_groups(self.backbone, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True
+            param_groups(self.backbone, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kernel
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(o.warmup_steps, self.cfg.trainer.max_steps, o.decay, o.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's AMP plugin refuses to clip for any optimizer that unscales in its own step (fused
+        # AdamW), also under bf16-mixed where there is no GradScaler and so nothing to unscale. Without a
+        # scaler, clip as the base precision plugin does (clip_grad_norm_ over the optimizer's params).
+        # 16-mixed with a scaler keeps Lightning's refusal (config.py rejects it up front).
+        plugin = self.trainer.precision_plugin
+        if (gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)
+                and getattr(plugin, "scaler", None) is None):
+            from lightning.pytorch.plugins.precision import Precision
+            from lightning.pytorch.utilities import GradClipAlgorithmType
+
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- validation: NELBO draws under the EMA weights ----------------------------------
     def configure_callbacks(self):

@@ -15,6 +15,11 @@ the t reported with each draw is the mean of its blocks' times. With block_size 
 time conditioning) the bound is computed exactly: every token masked, weight 1, i.e. the
 model's autoregressive -log p(x) (no Monte Carlo noise), in training too.
 
+``objective.masked_head`` (default on), as in MDLM: the output norm, head and chunked float32
+cross-entropy run only at the masked positions of the x_t copy (SUBS gives the others zero loss);
+loss, bound and gradients equal the full-logits path to float rounding
+(tests/modules/test_bd3lm.py::test_masked_head_equals_full_logits).
+
 Prompt-conditioned data (SFT): prompt tokens are never masked or scored (as in mdlm.py);
 padding likewise. Not supported: ``model.document_mask`` (the cached sampler has no
 document boundaries), ``model.causal``, the flash backend (it takes no mask), discrete-time
@@ -86,9 +91,10 @@ class BD3LM(DiffusionModule):
                 self._structure[key] = (attention_mask(L, self.block_size, device), block)
         return self._structure[key]
 
-    def logits(self, z, x0, tau=None, attention_mask=None) -> torch.Tensor:
+    def logits(self, z, x0, tau=None, attention_mask=None, **head) -> torch.Tensor:
         """Logits [B, L, V] of the x_t copy for z = x_t, x0 [B, L]; tau [B, L] each position's
-        time (used with time conditioning; the clean copy gets t = 0)."""
+        time (used with time conditioning; the clean copy gets t = 0). ``head``: out_mask [B, 2L]
+        (and targets, exclude, chunk_size) instead, passed to the backbone (its forward)."""
         L = x0.shape[1]
         mask, block = self.structure(L, x0.device)
         sigma = None
@@ -96,8 +102,9 @@ class BD3LM(DiffusionModule):
             sigma = self.schedule.sigma(torch.cat([tau, torch.zeros_like(tau)], 1).float())
         am = None if attention_mask is None else attention_mask.bool().repeat(1, 2)
         pos = torch.arange(L, device=x0.device).repeat(2)
+        out = {"out_positions": slice(0, L)} if not head else head
         return self.backbone(torch.cat([z, x0], 1), sigma=sigma, attention_mask=am, attn_mask=mask, block_mask=block,
-                             position_ids=pos, out_positions=slice(0, L))
+                             position_ids=pos, **out)
 
     def _fixed(self, input_ids, attention_mask, prompt_mask=None):
         """Positions never corrupted and never scored: padding and prompt tokens."""
@@ -120,6 +127,14 @@ class BD3LM(DiffusionModule):
             tau_b, w_b = time_weights(t, self.schedule, self.cfg.objective.eps)
             tau, w = per_position(tau_b, L, self.block_size), per_position(w_b, L, self.block_size)
             z = corrupt(x0, 1.0 - self.schedule.alpha(tau), self.mask_id, generator, keep=fixed)
+        o = self.cfg.objective
+        if o.get("masked_head", False) and isinstance(self.backbone, Backbone):
+            masked = z == self.mask_id  # SUBS: only these cost anything; the clean copy never does
+            nll = self.logits(z, x0, tau, attention_mask, out_mask=torch.cat([masked, torch.zeros_like(masked)], 1),
+                              targets=x0[masked], exclude=self.mask_id, chunk_size=int(o.get("ce_chunk_size", 0)))
+            out = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+            out[masked] = nll
+            return out * w
         logits = self.logits(z, x0, tau, attention_mask)
         return masked_token_nll(logits, x0, z, self.mask_id) * w
 

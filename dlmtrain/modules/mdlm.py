@@ -41,6 +41,7 @@ from dlmtrain.sampling.registry import register_samplers
 class MDLM(DiffusionModule):
     discrete_bound = True
     prompt_conditioning = True
+    denoise_at = True  # denoise(z, t, at=positions): the samplers' masked-only head (sampling/masked.py)
 
     def __init__(self, cfg: DictConfig | None = None, config: dict | None = None):
         super().__init__(cfg, config)
@@ -125,15 +126,23 @@ class MDLM(DiffusionModule):
     def time_conditioned(self) -> bool:
         return bool(self.cfg.objective.time_conditioning)
 
-    def denoise(self, z, t, segment_ids=None, attention_mask=None) -> torch.Tensor:
+    def denoise(self, z, t, segment_ids=None, attention_mask=None, at=None) -> torch.Tensor:
         """log p(x0 | z_t) under SUBS, float32 [B, L, V]; t [B] is used only with time conditioning.
-        Under document masking the backbone derives the boundaries from the EOS tokens in z."""
+        Under document masking the backbone derives the boundaries from the EOS tokens in z.
+
+        ``at`` [B, L] bool: only these positions, [M, V] in row-major order (``full[at]``). With
+        ``objective.masked_head`` the output norm and head then run at those positions only (the
+        samplers ask for still-masked ones); otherwise the full output is computed and indexed."""
         sigma = None
         if self.time_conditioned:
             t = torch.as_tensor(t, dtype=torch.float32, device=z.device).reshape(-1).expand(z.shape[0])
             sigma = self.schedule.sigma(t)
-        logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask)
-        return subs_logits(logits.float(), z, self.mask_id)
-
+        if at is None:
+            logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask)
+            return subs_logits(logits.float(), z, self.mask_id)
+        if not (self.cfg.objective.get("masked_head", False) and isinstance(self.backbone, Backbone)):
+            return self.denoise(z, t, segment_ids, attention_mask)[at]  # also a stand-in network's path
+        logits = self.backbone(z, sigma=sigma, segment_ids=segment_ids, attention_mask=attention_mask, out_mask=at)
+        return subs_logits(logits.float(), z[at], self.mask_id)
 
 register_samplers(MDLM, MASKED_SAMPLERS)

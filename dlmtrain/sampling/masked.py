@@ -2,8 +2,13 @@
 
 What a sampler uses of the module: ``mask_id``, ``schedule`` (alpha(t), its inverse),
 ``time_conditioned`` (bool), and ``denoise(z, t) -> log p(x0 | z_t)`` [B, L, V] under
-SUBS (-inf on [MASK], unmasked tokens copied). The reverse-process math is in
-dlmtrain/diffusion/masked.py; the loops are here. Conditioning tokens (prompt, suffix,
+SUBS (-inf on [MASK], unmasked tokens copied). A module with ``denoise_at = True`` also takes
+``denoise(z, t, at=mask)`` and returns only those positions, [M, V] (MDLM with
+``objective.masked_head``: the output head runs only there). The loops ask only for the
+positions they draw or rank (ancestral: those revealed this step; first_hitting: one per row;
+confidence: the still-masked ones), so at vocabulary 50k the [B, L, V] head output, its
+log-softmax and the SUBS copy are never formed; the drawn tokens are the same (tests/sampling/
+test_masked_head_samplers.py). The reverse-process math is in dlmtrain/diffusion/masked.py; the loops are here. Conditioning tokens (prompt, suffix,
 fixed positions) are in z from the start, never change, and the model sees them.
 
 What ``steps`` means, and the network evaluations (NFE) each sampler makes per batch
@@ -67,18 +72,27 @@ class Denoiser:
         self.time_conditioned = bool(getattr(module, "time_conditioned", False))
         self.hide = hide  # conditioning positions, masked in the unconditional pass of CFG
         self.nfe = 0
+        self.at = bool(getattr(module, "denoise_at", False))
+        self._full = None  # the last full output of a module without ``at`` (see _eval)
 
-    def _eval(self, z, t):
+    def _eval(self, z, t, at):
         self.nfe += 1
         if self.opts.on_nfe is not None:
             self.opts.on_nfe(1)
-        return self.module.denoise(z, t)
+        if self.at:
+            return self.module.denoise(z, t, at=at)
+        full = self.module.denoise(z, t)
+        # keep the [B, L, V] output alive until the next one replaces it: freeing it made the
+        # CPU allocator trim and re-fault those buffers every evaluation (15-25% slower)
+        self._full = full
+        return full[at]
 
-    def __call__(self, z: torch.Tensor, t) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, t, at: torch.Tensor) -> torch.Tensor:
+        """Guided log p(x0 | z_t) at the positions ``at`` [B, L] bool: [M, V], row-major order."""
         t = torch.as_tensor(t, dtype=torch.float32, device=z.device).reshape(-1).expand(z.shape[0])
-        logp = self._eval(z, t)
+        logp = self._eval(z, t, at)
         if self.opts.cfg_scale > 0:
-            uncond = self._eval(z.masked_fill(self.hide, self.mask_id), t)
+            uncond = self._eval(z.masked_fill(self.hide, self.mask_id), t, at)
             logp = guided_log_probs(logp, uncond, self.opts.cfg_scale)
         return logp
 
@@ -97,7 +111,6 @@ def run_ancestral(den: Denoiser, z, region, steps: int, opts: SamplerOptions, rn
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     alpha = den.schedule.alpha(grid)
     use_cache = opts.cache and not den.time_conditioned
-    logp, stale = None, True
     for k in range(steps):
         masked = (z == den.mask_id) & region
         if not masked.any():
@@ -106,14 +119,13 @@ def run_ancestral(den: Denoiser, z, region, steps: int, opts: SamplerOptions, rn
         u = torch.rand(z.shape, generator=g, device=z.device, dtype=torch.float64)
         p = 1.0 if k == steps - 1 else reveal_probability(alpha[k + 1], alpha[k]).item()
         reveal = masked & (u < p)
-        # cache: evaluate only when z changed and a reveal needs it. The stale output stays
-        # alive until replaced: dropping it made the CPU allocator trim and re-fault its
-        # ~[B, L, V] buffers every step (15-25% slower per evaluation).
-        if not use_cache or (stale and reveal.any()):
-            logp, stale = den(z, grid[k].item()), False
-        if reveal.any():
-            z[reveal] = _draw(logp[reveal], g, opts)
-            stale = True
+        # cache: evaluate only in steps with a reveal. z changes only by reveals, so the state
+        # evaluated is the one left by the previous reveal: the output a cached network would reuse.
+        any_reveal = bool(reveal.any())
+        if not use_cache or any_reveal:
+            logp = den(z, grid[k].item(), at=reveal)
+        if any_reveal:
+            z[reveal] = _draw(logp, g, opts)
     return z
 
 
@@ -128,12 +140,14 @@ def run_first_hitting(den: Denoiser, z, region, steps: int, opts: SamplerOptions
         active = n > 0
         u = torch.rand(B, generator=g, device=z.device, dtype=torch.float64)
         s = torch.where(active, first_hitting_time(den.schedule, t, n, u), t)
-        logp = den(z, s)
-        # a uniformly chosen masked position per row
+        # a uniformly chosen masked position per row (chosen before the evaluation, which draws
+        # nothing, so that only those positions need the output head)
         r = torch.rand(z.shape, generator=g, device=z.device, dtype=torch.float64).masked_fill(~masked, -1.0)
         rows = active.nonzero().squeeze(1)
         pos = r.argmax(1)[rows]
-        z[rows, pos] = _draw(logp[rows, pos], g, opts)
+        at = torch.zeros_like(masked)
+        at[rows, pos] = True  # one per row, so row-major order is the order of rows
+        z[rows, pos] = _draw(den(z, s, at=at), g, opts)
         masked[rows, pos] = False
         n = n - active.long()
         t = s
@@ -154,8 +168,7 @@ def run_confidence(den: Denoiser, z, region, steps: int, opts: SamplerOptions, r
         g = rng(j)
         k = base + (j < rem).long()
         frac = masked.sum(1).double() / free.clamp_min(1).double()
-        logp = den(z, den.schedule.time_of_alpha(1.0 - frac))
-        lp = _filtered(logp[masked], opts)  # [masked positions, V]
+        lp = _filtered(den(z, den.schedule.time_of_alpha(1.0 - frac), at=masked), opts)  # [masked positions, V]
         score = torch.full((B, L), float("-inf"), dtype=lp.dtype, device=z.device)
         score[masked] = confidence(lp, opts.confidence)
         # rank by score, ties in random order: sort a random permutation stably by score

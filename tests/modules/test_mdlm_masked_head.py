@@ -95,3 +95,23 @@ def test_chunked_linear_nll_matches_cross_entropy_in_float64(chunk):
     for a, r in zip(gr, rr):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
     assert gr[1][4].abs().max() == 0 and gr[2][4] == 0  # the excluded column gets no gradient
+
+
+@pytest.mark.parametrize("extra", [[], [f"model.document_mask=true", f"model.eos_id={EOS}"]])
+def test_validation_elbo_batch_equal_full_path_under_inference_mode(extra):
+    # The path validation_step takes: elbo_batch under inference_mode (no autograd), padding, explicit
+    # segment_ids (two documents per row, used under document masking), continuous and T-step draws.
+    new, old = _pair("objective.time_conditioning=true", *extra)
+    batch = _batch()
+    batch["segment_ids"] = (torch.arange(24) >= 10).long().expand(4, 24).clone()
+    heads = []
+    new.backbone.head.register_forward_hook(lambda m, a, out: heads.append(a[0].shape[:-1].numel()))
+    with torch.inference_mode():
+        a = new.elbo_batch(batch, torch.Generator().manual_seed(6), 4, discrete_steps=16)
+        b = old.elbo_batch(batch, torch.Generator().manual_seed(6), 4, discrete_steps=16)
+    assert torch.equal(a["t"], b["t"]) and torch.equal(a["scored"], b["scored"])
+    torch.testing.assert_close(a["nats"], b["nats"], rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(a["nats_T"], b["nats_T"], rtol=RTOL, atol=1e-5)
+    assert (a["nats"].sum(1) > 0).all() and a["nats"].shape == a["nats_T"].shape == (4, 4)
+    # the head saw only masked positions: fewer rows than the 8 full passes of 4 x 24 would
+    assert len(heads) == 8 and 0 < sum(heads) < 8 * int(a["scored"].sum())
