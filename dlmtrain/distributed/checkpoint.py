@@ -8,7 +8,7 @@ DeepSpeed (Lightning's ``engine.save_checkpoint(NAME, tag="checkpoint")``)::
     NAME/latest                                          the tag, "checkpoint"
     NAME/checkpoint/mp_rank_00_model_states.pt           ZeRO-1/2: the weights + everything else (rank 0)
     NAME/checkpoint/zero_pp_rank_<r>_mp_rank_00_model_states.pt   ZeRO-3: rank r's part, with its EMA shard
-    NAME/checkpoint/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's float32 weights + Adam state
+    NAME/checkpoint/[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's float32 weights + Adam state
     NAME/zero_to_fp32.py                                 DeepSpeed's own consolidation script
 
 FSDP2 (torch.distributed.checkpoint)::
@@ -131,7 +131,10 @@ def _deepspeed_adam(tag_dir: Path, man: dict, parts: list[dict], weights: dict) 
     ZeRO optimizer files. The layout is first checked on the fp32 master weights: unflattened the
     same way, they must equal DeepSpeed's own consolidation (``weights``) exactly."""
     world, stage = int(man["world_size"]), int(man.get("stage", 0))
-    files = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    files = [sorted(tag_dir.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")) for r in range(world)]
+    if any(len(f) != 1 for f in files):  # bf16 training names them bf16_zero_pp_rank_...
+        raise NotConsolidated(f"not one optimizer file per rank under {tag_dir}")
+    files = [f[0] for f in files]
     opts = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"] for f in files]
     base = [o.get("base_optimizer_state" if stage <= 2 else "optimizer_state_dict") for o in opts]
     if not all(isinstance(b, dict) and "state" in b and "param_groups" in b for b in base):

@@ -215,3 +215,23 @@ def test_bad_sharded_inputs_are_one_line_exit_2_nothing_written(converted, tmp_p
         assert dst.read_text() == "mine"
         assert main(["convert", str(src), str(dst), "--to", "fp32", "--force"]) == 0
         assert inspect(dst).step == 3 and sorted(os.listdir(work)) == before
+
+
+def test_optimizer_files_of_bf16_training_are_read(converted, tmp_path):
+    """bf16 training names ZeRO's optimizer files bf16_zero_pp_rank_*: the same state, consolidated."""
+    import json
+
+    src = tmp_path / "last.ckpt"
+    shutil.copytree(converted["deepspeed_zero2"][0], src)
+    man = json.loads((src / "dlmtrain.json").read_text())
+    for r in range(2):
+        name = f"checkpoint/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        os.rename(src / name, src / name.replace("zero_pp", "bf16_zero_pp"))
+        man["files"][name.replace("zero_pp", "bf16_zero_pp")] = man["files"].pop(name)
+    (src / "dlmtrain.json").write_text(json.dumps(man))
+    ck = read_whole(src, optimizer=True)
+    assert "optimizer_left_out" not in ck
+    want = torch.load(converted["deepspeed_zero2"][1], map_location="cpu", weights_only=False)["optimizer_states"][0]
+    got = ck["optimizer_states"][0]
+    assert got["param_groups"] == want["param_groups"]
+    assert all(torch.equal(got["state"][i][k], v) for i, st in want["state"].items() for k, v in st.items())
