@@ -146,7 +146,8 @@ def _deepspeed_adam(tag_dir: Path, man: dict, parts: list[dict], weights: dict) 
     if any(len(m) != len(shapes) for m in masters):
         raise NotConsolidated(f"{len(masters[0])} flat groups for {len(shapes)} parameter groups")
     mine = _zero_unflatten(masters, shapes, stage, paddings)
-    if set(mine) != set(weights) - set(parts[0].get("buffer_names", [])) or \
+    aliases = set(parts[0].get("buffer_names", [])) | set(parts[0].get("shared_params", {}))  # a tied head
+    if set(mine) != {n for n in weights if n not in aliases} or \
             any(not torch.equal(v, weights[n]) for n, v in mine.items()):
         raise NotConsolidated("its ZeRO partition layout is not the one dlmtrain reads (the master weights do not "
                               "match DeepSpeed's consolidation)")
