@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dlmtrain.checkpoint import convert as convcmd
 
-    cv = sub.add_parser("convert", help="checkpoint conversion: .ckpt <-> export directory (safetensors), MDLM import",
-                        description="Convert checkpoints: a dlmtrain .ckpt to an export directory (model.safetensors, "
-                        "config.json, tokenizer) and back to a trainable .ckpt; import MDLM checkpoints (--from mdlm).",
+    cv = sub.add_parser("convert", help="checkpoint conversion: sharded -> fp32 .ckpt, .ckpt <-> export directory (safetensors), MDLM import",
+                        description="Convert checkpoints: a sharded (DeepSpeed/FSDP2) checkpoint directory to one fp32 "
+                        ".ckpt (--to fp32); a dlmtrain .ckpt or sharded directory to an export directory "
+                        "(model.safetensors, config.json, tokenizer) and back to a trainable .ckpt; import MDLM "
+                        "checkpoints (--from mdlm).",
                         epilog=convcmd.__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     convcmd.add_convert_arguments(cv)
     cv.set_defaults(func=convcmd.run_convert)

@@ -138,7 +138,12 @@ def _write_deepspeed_like(d):
     ("text", "not a readable checkpoint"),
     ("foreign", "was not written by dlmtrain"),
     ("exists", "already exists"),
-    ("sharded", "not supported yet"),
+    ("sharded", "sharded checkpoint without dlmtrain.json: incomplete"),
+    ("fp32_of_a_ckpt", "already is a single-file checkpoint (a single-file checkpoint, step 6)"),
+    ("fp32_of_text", "not a readable checkpoint"),
+    ("fp32_bf16", "--to fp32 writes float32; --dtype bf16 applies to --to safetensors"),
+    ("fp32_raw", "--to fp32 keeps both the training weights and the EMA"),
+    ("fp32_plain_dir", "a directory without dlmtrain.json"),
     ("ckpt_to_lightning", "--to lightning converts an export directory"),
     ("dlmtrain_as_mdlm", "is a dlmtrain checkpoint, not an MDLM one"),
     ("plain_dir", "not written by dlmtrain convert"),
@@ -158,6 +163,15 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(run, tmp_path, capsys, c
         (dst / "keep.txt").write_text("mine")
     elif case == "sharded":
         src = _write_deepspeed_like(tmp_path / "ds")
+    elif case.startswith("fp32"):
+        extra = ["--to", "fp32", *{"fp32_bf16": ["--dtype", "bf16"], "fp32_raw": ["--raw"]}.get(case, [])]
+        dst = tmp_path / "out.ckpt"
+        if case == "fp32_of_text":
+            src = tmp_path / "notes.ckpt"
+            src.write_text("not a checkpoint")
+        elif case == "fp32_plain_dir":
+            src = tmp_path / "plain"
+            src.mkdir()
     elif case == "ckpt_to_lightning":
         extra = ["--to", "lightning"]
         dst = tmp_path / "out.ckpt"

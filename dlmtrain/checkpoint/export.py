@@ -64,11 +64,15 @@ def sharded_kind(path: str | Path) -> str | None:
 
 
 def refuse_sharded(path: str | Path) -> None:
+    """Refuse a DeepSpeed / DCP directory without dlmtrain's manifest (dlmtrain.json, written last):
+    an interrupted save, or not written by dlmtrain train. A complete one is read (read_whole)."""
+    from dlmtrain.checkpoint.files import MANIFEST
+
     kind = sharded_kind(path)
-    if kind:
-        raise ConfigError(f"{path} is a {kind} sharded checkpoint; consolidating sharded checkpoints is not supported "
-                          "yet: convert it to one fp32 file with DeepSpeed's zero_to_fp32.py / torch's dcp_to_torch_save "
-                          "first, or export from a single-file .ckpt")
+    if kind and not (Path(path) / MANIFEST).is_file():
+        raise ConfigError(f"{path} is a {kind} sharded checkpoint without {MANIFEST}: incomplete (an interrupted "
+                          "save) or not written by dlmtrain train; use a complete checkpoint, or DeepSpeed's "
+                          "zero_to_fp32.py / torch's dcp_to_torch_save for another program's")
 
 
 # ----------------------------------------------------------------------------- atomic directory

@@ -8,7 +8,7 @@ DeepSpeed (Lightning's ``engine.save_checkpoint(NAME, tag="checkpoint")``)::
     NAME/latest                                          the tag, "checkpoint"
     NAME/checkpoint/mp_rank_00_model_states.pt           ZeRO-1/2: the weights + everything else (rank 0)
     NAME/checkpoint/zero_pp_rank_<r>_mp_rank_00_model_states.pt   ZeRO-3: rank r's part, with its EMA shard
-    NAME/checkpoint/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's float32 weights + Adam state
+    NAME/checkpoint/[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's float32 weights + Adam state
     NAME/zero_to_fp32.py                                 DeepSpeed's own consolidation script
 
 FSDP2 (torch.distributed.checkpoint)::
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -76,6 +77,17 @@ class DirectoryCheckpoints:
 
 # ----------------------------------------------------------------------------- reading whole
 
+# DeepSpeed's own entries in a model-states file (engine.save_checkpoint); the rest is Lightning's client state
+DS_ENGINE_KEYS = {"module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
+                  "shared_params", "frozen_param_fragments", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                  "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+                  "ds_version", "checkpoint_parallel_dimensions"}
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class NotConsolidated(Exception):
+    """The optimizer state of a sharded checkpoint cannot be laid out for one process; the message says why."""
+
 
 def _zero3_full(shards: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A ZeRO-3 parameter from its per-rank partitions (flattened, padded to equal parts), or a
@@ -85,7 +97,127 @@ def _zero3_full(shards: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.cat([s.reshape(-1) for s in shards])[: like.numel()].view(like.shape)
 
 
-def _read_deepspeed(path: Path, man: dict) -> dict:
+def _zero_unflatten(flats: list[list[torch.Tensor]], shapes: list[dict], stage: int, paddings=None) -> dict:
+    """Whole tensors by name from ZeRO's flat per-rank partitions (``flats[rank][k]``: flat group k;
+    ``shapes[k]``: name -> shape of the parameters in flat group k, in order). The fp32 master
+    weights and Adam's moments share this layout.
+
+    ZeRO-1/2: flat group k of all ranks concatenated is the group's parameters back to back
+    (plus ``paddings[k][i]`` after parameter i). ZeRO-3: every parameter is split on its own into
+    ``world`` equal parts (ceil(numel / world), the last padded); rank r's flat groups hold its
+    part of each parameter back to back, in order.
+    """
+    out = {}
+    if stage <= 2:
+        for k, group in enumerate(shapes):
+            whole, offset = torch.cat([f[k] for f in flats]), 0
+            for i, (name, shape) in enumerate(group.items()):
+                n = math.prod(shape)
+                out[name] = whole.narrow(0, offset, n).view(tuple(shape))
+                offset += n + (paddings[k][i] if paddings else 0)
+        return out
+    world, ranks, offset = len(flats), [torch.cat(list(f)) for f in flats], 0
+    for group in shapes:
+        for name, shape in group.items():
+            n = math.prod(shape)
+            part = -(-n // world)
+            out[name] = torch.cat([r.narrow(0, offset, part) for r in ranks])[:n].view(tuple(shape))
+            offset += part
+    return out
+
+
+def _deepspeed_adam(tag_dir: Path, man: dict, parts: list[dict], weights: dict) -> tuple[dict, list]:
+    """(name -> {step, exp_avg, exp_avg_sq}, [(names, hyperparameters) per param group]) from the
+    ZeRO optimizer files. The layout is first checked on the fp32 master weights: unflattened the
+    same way, they must equal DeepSpeed's own consolidation (``weights``) exactly."""
+    world, stage = int(man["world_size"]), int(man.get("stage", 0))
+    files = [sorted(tag_dir.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")) for r in range(world)]
+    if any(len(f) != 1 for f in files):  # bf16 training names them bf16_zero_pp_rank_...
+        raise NotConsolidated(f"not one optimizer file per rank under {tag_dir}")
+    files = [f[0] for f in files]
+    opts = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"] for f in files]
+    base = [o.get("base_optimizer_state" if stage <= 2 else "optimizer_state_dict") for o in opts]
+    if not all(isinstance(b, dict) and "state" in b and "param_groups" in b for b in base):
+        raise NotConsolidated("its ZeRO optimizer files hold no torch optimizer state dict (elastic or offloaded "
+                              "layout)")
+    shapes = [{n.removeprefix("_forward_module."): s for n, s in g.items()} for g in parts[0]["param_shapes"]]
+    masters = [o["single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"] for o in opts]
+    paddings = opts[0].get("param_alignment_paddings") if stage <= 2 else None
+    if any(len(m) != len(shapes) for m in masters):
+        raise NotConsolidated(f"{len(masters[0])} flat groups for {len(shapes)} parameter groups")
+    mine = _zero_unflatten(masters, shapes, stage, paddings)
+    aliases = set(parts[0].get("buffer_names", [])) | set(parts[0].get("shared_params", {}))  # a tied head
+    if set(mine) != {n for n in weights if n not in aliases} or \
+            any(not torch.equal(v, weights[n]) for n, v in mine.items()):
+        raise NotConsolidated("its ZeRO partition layout is not the one dlmtrain reads (the master weights do not "
+                              "match DeepSpeed's consolidation)")
+    moments = {}
+    for key in ADAM_KEYS:
+        flats = [[b["state"][k][key] for k in range(len(shapes))] for b in base]
+        for name, t in _zero_unflatten(flats, shapes, stage, paddings).items():
+            moments.setdefault(name, {})[key] = t.clone()
+    groups = []
+    for g in base[0]["param_groups"]:
+        names = [n for k in g["params"] for n in shapes[k]]
+        step = base[0]["state"][g["params"][0]]["step"] if g["params"] else 0
+        for n in names:
+            moments[n]["step"] = torch.as_tensor(float(step), dtype=torch.float32)
+        groups.append((names, g))
+    return moments, groups
+
+
+def _fsdp_adam(path: Path) -> tuple[dict, list]:
+    """(name -> {step, exp_avg, exp_avg_sq}, [(names, hyperparameters) per param group]) from the
+    DCP entry ``optimizer_0`` (torch's get_optimizer_state_dict: keyed by parameter name)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        opt = _load_state_dict_from_keys({"optimizer_0"}, checkpoint_id=str(path))["optimizer_0"]
+    return dict(opt["state"]), [(list(g["params"]), g) for g in opt["param_groups"]]
+
+
+def one_process_adamw(config_yaml: str, where: str, moments: dict, groups: list) -> dict:
+    """The AdamW ``state_dict()`` one process holds for these moments: parameter indices in the
+    order of the module's ``configure_optimizers`` (which Lightning restores into), each group's
+    hyperparameters (lr, betas, weight decay, initial_lr) as saved. Checked by loading it into
+    that optimizer. Raises NotConsolidated when groups or shapes differ."""
+    from dlmtrain.config import config_from_resolved
+    from dlmtrain.modules import build_module
+
+    module = build_module(config_from_resolved(config_yaml, where=where))
+    opt = module.configure_optimizers()["optimizer"]
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    if len(groups) != len(opt.param_groups):
+        raise NotConsolidated(f"{len(groups)} parameter groups, the module's AdamW has {len(opt.param_groups)}")
+    state, out, i = {}, [], 0
+    for g, (group, (names, saved)) in enumerate(zip(opt.param_groups, groups)):
+        mine = [name_of[id(p)] for p in group["params"]]
+        if sorted(mine) != sorted(names):
+            raise NotConsolidated(f"parameter group {g} holds other parameters than the module's")
+        ids = []
+        for p, n in zip(group["params"], mine):
+            if n in moments:  # absent: the parameter never had a gradient, as in a single process
+                m = moments[n]
+                if any(tuple(m[k].shape) != tuple(p.shape) for k in ADAM_KEYS):
+                    raise NotConsolidated(f"the Adam state of {n} has shape {tuple(m['exp_avg'].shape)}, the "
+                                          f"parameter {tuple(p.shape)}")
+                state[i] = {"step": torch.as_tensor(float(m["step"]), dtype=torch.float32),
+                            **{k: m[k].float().contiguous() for k in ADAM_KEYS}}
+            ids.append(i)
+            i += 1
+        out.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    sd = {"state": state, "param_groups": out}
+    try:
+        opt.load_state_dict(sd)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise NotConsolidated(f"torch's AdamW refuses it ({str(e).splitlines()[0][:120]})") from None
+    return sd
+
+
+def _read_deepspeed(path: Path, man: dict, optimizer: bool) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = path / DS_TAG
@@ -94,18 +226,21 @@ def _read_deepspeed(path: Path, man: dict) -> dict:
                             weights_only=False) for r in range(int(man["world_size"]))]
     else:
         parts = [torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)]
-    ck = {k: v for k, v in parts[0].items() if k not in ("module", "optimizer", "lr_scheduler")}
+    ck = {k: v for k, v in parts[0].items() if k not in DS_ENGINE_KEYS}
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
-    ck["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    ck["state_dict"] = state
     if ck.get("ema") and man.get("stage") == 3:
         shadows = [p["ema"]["shadow"] for p in parts]
-        ck["ema"]["shadow"] = {n: _zero3_full([s[n] for s in shadows], ck["state_dict"][f"backbone.{n}"])
-                               for n in shadows[0]}
+        ck["ema"] = {**ck["ema"], "shadow": {n: _zero3_full([s[n] for s in shadows], ck["state_dict"][f"backbone.{n}"])
+                                             for n in shadows[0]}}
+    if optimizer:
+        _attach_adamw(ck, path, lambda: _deepspeed_adam(tag_dir, man, parts, state))
     return ck
 
 
-def _read_fsdp(path: Path) -> dict:
+def _read_fsdp(path: Path, optimizer: bool) -> dict:
     import torch.distributed.checkpoint as dcp
 
     from dlmtrain.config import config_from_resolved
@@ -120,20 +255,38 @@ def _read_fsdp(path: Path) -> dict:
     ck["state_dict"] = want["state_dict"]
     if ck.get("ema"):
         ck["ema"]["shadow"] = want["ema"]
+    if optimizer:
+        _attach_adamw(ck, path, lambda: _fsdp_adam(path))
     return ck
 
 
-def read_whole(path: str | Path) -> dict:
+def _attach_adamw(ck: dict, path: Path, read) -> None:
+    """``ck["optimizer_states"]``: the consolidated AdamW state, or ``ck["optimizer_left_out"]``: why not."""
+    try:
+        moments, groups = read()
+        ck["optimizer_states"] = [one_process_adamw(ck["dlmtrain_config"], str(path), moments, groups)]
+    except NotConsolidated as e:
+        ck["optimizer_left_out"] = str(e)
+    except Exception as e:  # noqa: BLE001 - an optimizer file this reader does not understand: say so, keep the rest
+        ck["optimizer_left_out"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def read_whole(path: str | Path, optimizer: bool = False) -> dict:
     """A sharded checkpoint directory as one checkpoint dict (``state_dict`` in float32, full
-    ``ema`` shadow, ``dlmtrain_config``, ``global_step``, ...), as a single-file one would hold;
-    no optimizer state. Raises BadCheckpoint."""
+    ``ema`` shadow, ``dlmtrain_config``, ``global_step``, loops, LR schedule, ...), as a
+    single-file one would hold. Raises BadCheckpoint.
+
+    ``optimizer=True`` adds ``optimizer_states``: the AdamW state consolidated for one process
+    (see :func:`one_process_adamw`); where that cannot be done faithfully, no optimizer state and
+    ``optimizer_left_out`` saying why.
+    """
     path = Path(path)
     man = read_manifest(path)
     try:
         if man["strategy"] == "deepspeed":
-            return _read_deepspeed(path, man)
+            return _read_deepspeed(path, man, optimizer)
         if man["strategy"] == "fsdp":
-            return _read_fsdp(path)
+            return _read_fsdp(path, optimizer)
     except BadCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged shard; say which checkpoint

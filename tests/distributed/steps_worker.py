@@ -4,6 +4,9 @@ per extra rank).
 
     python tests/distributed/steps_worker.py OUT_DIR DEVICES [override ...]
 
+``fit(out, devices, overrides, resume=CKPT, steps=N)`` (imported, one process) continues a
+checkpoint to step N on the global batches of the steps it has not trained.
+
 Global batch ``s`` is ``GLOBAL`` rows drawn from ``Generator(seed=s)``; micro-batch slot
 ``j * world + rank`` (the order of dlmtrain's step_generator) gets rows ``slot*m:(slot+1)*m``,
 so 1 process accumulating and ``world`` processes see the same global batch with the same
@@ -34,19 +37,28 @@ GLOBAL, SEQ, STEPS = 8, 32, 3
 
 
 class FixedBatches(L.LightningDataModule):
-    def __init__(self, micro: int, accum: int):
+    def __init__(self, micro: int, accum: int, steps: int):
         super().__init__()
-        self.micro, self.accum = micro, accum
+        self.micro, self.accum, self.steps = micro, accum, steps
 
-    def train_dataloader(self):
+    def train_dataloader(self):  # built after a resumed checkpoint is restored: from its step on
         rank, world = self.trainer.global_rank, self.trainer.world_size
         out = []
-        for s in range(STEPS):
+        for s in range(self.trainer.global_step, self.steps):
             rows = torch.randint(0, 256, (GLOBAL, SEQ), generator=torch.Generator().manual_seed(s))
             for j in range(self.accum):
                 slot = j * world + rank
                 out.append({"input_ids": rows[slot * self.micro:(slot + 1) * self.micro]})
-        return torch.utils.data.DataLoader(out, batch_size=None)
+        # no length, as dlmtrain's streams: a resumed epoch keeps its micro-batch count, which places the steps
+        return torch.utils.data.DataLoader(Stream(out), batch_size=None)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
 
 
 class Record(L.Callback):
@@ -65,12 +77,11 @@ class Record(L.Callback):
             self._micro = []
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    out, devices, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+def fit(out: Path, devices: int, overrides: list[str], resume: str | None = None, steps: int = STEPS) -> dict:
     cfg = load_config("configs/demo.yaml", [
         f"trainer.devices={devices}", f"trainer.global_batch_size={GLOBAL}", f"data.seq_len={SEQ}",
-        "model.vocab_size=260", "objective.antithetic=false", "trainer.micro_batch_size=4", "optim.warmup_steps=0", "optim.lr=1e-2", "optim.grad_clip=1.0", *overrides])
+        "model.vocab_size=260", "objective.antithetic=false",
+        "trainer.micro_batch_size=4", "optim.warmup_steps=0", "optim.lr=1e-2", "optim.grad_clip=1.0", *overrides])
     nodes = int(cfg.trainer.num_nodes)  # > 1: one process per "node", started with the environment Slurm gives
     world = devices * nodes
     micro, accum = batch_split(GLOBAL, int(cfg.trainer.micro_batch_size), world)
@@ -88,19 +99,26 @@ def main() -> None:
     parallel = prepare(cfg, module, world, micro, "32-true")
     rec = Record()
     trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, plugins=cluster_plugins(),
-                        precision="32-true", max_steps=STEPS,
+                        precision="32-true", max_steps=steps,
                         accumulate_grad_batches=accum, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=[NonFiniteGuard(checkpoints=None), rec], **parallel)
-    trainer.fit(module, datamodule=FixedBatches(micro, accum))
+    trainer.fit(module, datamodule=FixedBatches(micro, accum, steps), ckpt_path=resume)
     raw, ema, raw_after = probe(module, None), probe(module, module.ema), probe(module, None)
     trainer.save_checkpoint(out / "final.ckpt")
+    result = {"loss": rec.losses, "grad_norm": rec.norms, "probe_raw": raw, "probe_ema": ema,
+              "probe_raw_after": raw_after, "step": trainer.global_step, "world_size": trainer.world_size,
+              "node_rank": trainer.node_rank,
+              "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
     if trainer.is_global_zero:
-        (out / "steps.json").write_text(json.dumps({"loss": rec.losses, "grad_norm": rec.norms, "probe_raw": raw,
-                                                    "probe_ema": ema, "probe_raw_after": raw_after,
-                                                    "world_size": trainer.world_size, "node_rank": trainer.node_rank,
-                                                    "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}))
+        (out / "steps.json").write_text(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    fit(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
 
 
 @torch.no_grad()

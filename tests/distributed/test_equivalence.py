@@ -16,9 +16,6 @@ micro-batch slot, which is world-size invariant).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,34 +23,20 @@ import torch
 from dlmtrain.distributed.checkpoint import read_whole
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests/distributed/steps_worker.py"
-
-
-def run(out: Path, devices: int, *overrides: str) -> dict:
-    r = subprocess.run([sys.executable, str(WORKER), str(out), str(devices), *overrides], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads((out / "steps.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    return run(out, 1), torch.load(out / "final.ckpt", map_location="cpu", weights_only=False)
+def single(steps_run):
+    out = steps_run("one")
+    return json.loads((out / "steps.json").read_text()), torch.load(out / "final.ckpt", map_location="cpu",
+                                                                     weights_only=False)
 
 
-EXTRA = {
-    "deepspeed_zero2": [],
-    "deepspeed_zero3": ["strategy.param_persistence_threshold=0", "trainer.activation_checkpointing=true"],
-    "fsdp": ["trainer.activation_checkpointing=true", "trainer.compile=true"],
-}
-
-
-@pytest.mark.parametrize("strategy", list(EXTRA))
-def test_two_processes_match_one_on_the_same_global_batch(single, tmp_path, strategy):
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_two_processes_match_one_on_the_same_global_batch(single, steps_run, strategy):
     ref_steps, ref = single
-    steps = run(tmp_path, 2, f"strategy={strategy}", *EXTRA[strategy])
+    out = steps_run(strategy)  # options: tests/distributed/conftest.py STEPS_RUNS
+    steps = json.loads((out / "steps.json").read_text())
     # float32 all-reduce / reduce-scatter order only: measured differences <= 5e-7 relative
     assert steps["loss"] == pytest.approx(ref_steps["loss"], rel=1e-5, abs=0)
     assert steps["grad_norm"] == pytest.approx(ref_steps["grad_norm"], rel=1e-5, abs=0)
@@ -64,7 +47,7 @@ def test_two_processes_match_one_on_the_same_global_batch(single, tmp_path, stra
     assert steps["probe_raw"] == pytest.approx(ref_steps["probe_raw"], rel=1e-5, abs=0)
     assert steps["probe_raw_after"] == steps["probe_raw"] != pytest.approx(steps["probe_ema"], rel=1e-3)
 
-    ck = read_whole(tmp_path / "final.ckpt")
+    ck = read_whole(out / "final.ckpt")
     assert ck["global_step"] == 3 and ck["ema"]["num_updates"] == 3
     assert set(ck["state_dict"]) == set(ref["state_dict"])
     # 3 Adam steps at lr 1e-2 amplify 1e-7 gradient differences to ~1e-5 (measured <= 1.1e-5)
