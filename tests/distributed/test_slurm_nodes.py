@@ -24,13 +24,8 @@ def clean_env() -> dict:
                                                                      "LOCAL_RANK", "NODE_RANK"))}
 
 
-def test_two_slurm_nodes_on_one_machine_train_what_one_process_does(tmp_path):
-    one = tmp_path / "one"
-    one.mkdir()
-    r = subprocess.run([sys.executable, str(WORKER), str(one), "1"], cwd=ROOT, env=clean_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = json.loads((one / "steps.json").read_text())
+def test_two_slurm_nodes_on_one_machine_train_what_one_process_does(tmp_path, steps_run):
+    ref = json.loads((steps_run("one") / "steps.json").read_text())  # the 1-process reference (conftest.py)
 
     two = tmp_path / "two"
     two.mkdir()
