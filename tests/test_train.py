@@ -192,3 +192,31 @@ def test_ddp_two_processes_match_single_process(manifest, tmp_path):
     m1, m2 = _cli_metrics(tmp_path / "one"), _cli_metrics(tmp_path / "two")
     assert m1["train/tokens"] == m2["train/tokens"] == 4 * 8 * 64
     assert m1["val/tokens"] == m2["val/tokens"] > 0
+
+
+class SamplesPerStep(L.Callback):
+    """Rows of input each optimizer step was computed from."""
+
+    def __init__(self):
+        self.rows, self.steps, self._acc = [], [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._acc += int(batch["input_ids"].shape[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rows.append(self._acc)
+        self.steps.append(trainer.global_step)
+        self._acc = 0
+
+
+def test_resume_with_another_gradient_accumulation_keeps_whole_global_batches(manifest, tmp_path, capsys):
+    """Saved with accumulation 1 (micro-batch 16) after 3 steps, resumed with accumulation 2 (micro-batch
+    8): Lightning counts micro-batches, so without rescaling its counters (3 is odd) the first resumed
+    optimizer step would use one micro-batch, half a global batch."""
+    train(config(manifest, tmp_path, "trainer.max_steps=3", "trainer.micro_batch_size=16",
+                 "trainer.val_every_n_steps=100", "trainer.val_before_training=false"))
+    rec = SamplesPerStep()
+    res = train(config(manifest, tmp_path, "trainer.max_steps=6", "trainer.micro_batch_size=8",
+                       "trainer.val_every_n_steps=100", "trainer.val_before_training=false"), extra_callbacks=[rec])
+    assert res["step"] == 6 and rec.steps == [3, 4, 5] and rec.rows == [16, 16, 16]
+    assert "gradient accumulation 1 -> 2 on resume" in capsys.readouterr().out

@@ -47,3 +47,28 @@ def diff(old_yaml: str, new: DictConfig) -> tuple[list[str], list[str]]:
         fixed = key.startswith(FIXED) and key not in FREE
         (refused if fixed else applied).append(line)
     return refused, applied
+
+
+ACCUMULATION_KEY = "dlmtrain_accumulation"  # gradient accumulation of the run that saved the checkpoint
+
+
+def rescale_micro_batches(checkpoint: dict, was: int, now: int) -> bool:
+    """Lightning places optimizer steps (and validations) by counting micro-batches: a checkpoint
+    saved with gradient accumulation ``was`` resumed with ``now`` (another world size or
+    micro_batch_size) would take its first optimizer step after a partial global batch. Our
+    checkpoints are saved at optimizer-step boundaries, so the counters are whole multiples of
+    ``was``; they become the same number of steps at ``now``. Returns whether anything changed."""
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    except (KeyError, TypeError):
+        return False
+    if was == now or was < 1 or now < 1:
+        return False
+    parts = [progress[p] for p in ("total", "current") if isinstance(progress.get(p), dict)]
+    if any(int(v) % was for part in parts for v in part.values()):
+        return False  # not at a step boundary (not written by dlmtrain): leave Lightning's counters alone
+    for part in parts:
+        for k, v in part.items():
+            part[k] = int(v) // was * now
+    checkpoint[ACCUMULATION_KEY] = now
+    return True

@@ -40,12 +40,11 @@ def _rescale_loops(ck: dict, world: int) -> str | None:
         progress = ck["loops"]["fit_loop"]["epoch_loop.batch_progress"]
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
         return None
-    if was == now or now % was:
+    from dlmtrain.checkpoint.compat import rescale_micro_batches
+
+    if not rescale_micro_batches(ck, was, now):
         return None
-    for part in ("total", "current"):
-        for k, v in progress[part].items():
-            progress[part][k] = int(v) * (now // was)
-    return f"micro-batch counters x{now // was} (gradient accumulation {was} on {world} ranks -> {now} on 1)"
+    return f"micro-batch counters x{now}/{was} (gradient accumulation {was} on {world} ranks -> {now} on 1)"
 
 
 def consolidate(src: str | Path, dst: str | Path, force: bool = False, say=print) -> Path:

@@ -236,6 +236,10 @@ class DiffusionModule(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint["dlmtrain_config"] = OmegaConf.to_yaml(self.cfg, resolve=True)
+        if self._trainer is not None:
+            from dlmtrain.checkpoint.compat import ACCUMULATION_KEY
+
+            checkpoint[ACCUMULATION_KEY] = int(self.trainer.accumulate_grad_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.cfg.optim.ema > 0 and "ema" in checkpoint:
@@ -243,6 +247,20 @@ class DiffusionModule(L.LightningModule):
                 self.ema = EMA(self.backbone, self.cfg.optim.ema)
             self.ema.load_state_dict(checkpoint["ema"])
         self._apply_optim_config(checkpoint)
+        self._apply_accumulation(checkpoint)
+
+    def _apply_accumulation(self, checkpoint: dict) -> None:
+        """Resumed with another gradient accumulation (world size or micro_batch_size changed): keep
+        every optimizer step a whole global batch (dlmtrain.checkpoint.compat.rescale_micro_batches)."""
+        from dlmtrain.checkpoint.compat import ACCUMULATION_KEY, rescale_micro_batches
+
+        was = checkpoint.get(ACCUMULATION_KEY)
+        if self._trainer is None or was is None:  # not resuming a fit, or a checkpoint from before this key
+            return
+        now = int(self.trainer.accumulate_grad_batches)
+        if rescale_micro_batches(checkpoint, int(was), now) and self.trainer.is_global_zero:
+            print(f"[dlmtrain] gradient accumulation {was} -> {now} on resume: micro-batch counters rescaled so "
+                  "each optimizer step still sees one whole global batch", flush=True)
 
     def _apply_optim_config(self, checkpoint: dict) -> None:
         """Make a resumed run use *this* config's optimizer settings, not the checkpoint's.
