@@ -2,16 +2,17 @@
 
     python benchmarks/mdlm_side_by_side.py --mdlm PATH [--hidden 768 --layers 12 --heads 12 --seq-len 1024
         --vocab 50258 --batch 16 --steps 10 --warmup 3] [--compile both|on|off] [--what train sample]
-        [--sample-num 64 --sample-len 1024 --sample-steps 128] [--threads N] [--out FILE.json]
+        [--sample-num 64 --sample-len 1024 --sample-steps 128 --sample-batch 0] [--threads N] [--out FILE.json]
 
-PATH is a checkout of github.com/kuleshov-group/mdlm. Their code is imported from it at run time and
-never copied here. Their models/dit.py imports flash_attn, which cannot be installed on our GPU machines:
+PATH is a checkout of github.com/kuleshov-group/mdlm (its commit is read with git, or given with
+--mdlm-commit for a copy without .git). Their code is imported from it at run time and never copied here. Their models/dit.py imports flash_attn, which cannot be installed on our GPU machines:
 this script registers its own stand-in modules in sys.modules while importing their files
 (``flash_attn.flash_attn_interface.flash_attn_varlen_qkvpacked_func``: SDPA per sequence;
 ``flash_attn.layers.rotary.apply_rotary_emb_qkv_``: rotate-half rotary on q and k, written from
 flash-attn's documented semantics). Other packages their diffusion.py imports at module level but that
 the timed code never calls (hydra, datasets, timm, their dataloader.py, models/dimamba.py, ...) are
-stubbed only when they are not installed. Before timing, a check on CPU float32 compares their DiT
+stubbed only when they are not installed; einops, when missing, gets a reshape-only ``rearrange``
+(their three patterns only regroup axes). Before timing, a check on CPU float32 compares their DiT
 (stand-ins included, every weight random) with the same weights imported into our backbone by
 dlmtrain.checkpoint.mdlm (max |logit difference|; it fails the run above 1e-4).
 
@@ -50,7 +51,11 @@ Sampling (generated tokens/s and NFE = network calls, counted by a hook on the n
 warm-up call first): their real ``Diffusion._sample`` with ``sampling.predictor=ddpm_cache`` and
 noise_removal (their default) at --sample-steps (their float32 Gumbel draws), vs our
 ``dlmtrain.sampling.sample`` ``ancestral`` (cache=True) and ``first_hitting``, with masked_head on
-and off, same steps. Random weights: speed only, not sample quality.
+and off, same steps. Random weights: speed only, not sample quality. --sample-batch splits the samples
+into calls of that many (their eval loop's eval_batch_size; our sample(batch_size=...)); NFE is then
+the network calls of all of them together, for both.
+
+A measurement that runs out of CUDA memory is reported as that row's error; the others still run.
 """
 
 from __future__ import annotations
@@ -469,7 +474,7 @@ def sample_ours(a, device, autocast, steps, sampler, masked_head):
         sample(module, a.sample_num, a.sample_len, 2, sampler=sampler, seed=99, **extra)  # warm-up
         res = sample(module, a.sample_num, a.sample_len, steps, sampler=sampler, seed=1,
                      batch_size=a.sample_batch or None, **extra)
-    return {"nfe": int(res.nfe), "seconds": res.seconds}
+    return {"nfe": int(sum(res.nfe_per_batch)), "seconds": res.seconds}  # all calls, as counted for theirs
 
 
 def _guarded(fn, device) -> dict:
@@ -541,6 +546,7 @@ def standin_check(ns, a) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mdlm", required=True, help="a checkout of github.com/kuleshov-group/mdlm")
+    p.add_argument("--mdlm-commit", default=None, help="their commit, when PATH is a copy without .git")
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=12)
@@ -582,6 +588,7 @@ def main(argv=None) -> int:
     name = _device_name(device)
     peak = a.peak_tflops or (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if bf16 else None)
     ns = load_mdlm(Path(a.mdlm))
+    ns.commit = ns.commit or a.mdlm_commit
     print(f"mdlm {ns.path} @ {ns.commit}; stubbed (not installed, not used by the timed code): {ns.stubbed or 'none'}")
 
     check = standin_check(ns, a)
