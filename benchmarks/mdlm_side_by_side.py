@@ -96,7 +96,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     total, _, H, D = qkv.shape
     n = cu_seqlens.numel() - 1
     if total == n * max_seqlen:
-        q, k, v = qkv.view(n, max_seqlen, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # [n, H, L, D]
+        q, k, v = qkv.reshape(n, max_seqlen, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # [n, H, L, D]
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
         return y.transpose(1, 2).reshape(total, H, D)
     outs = []
