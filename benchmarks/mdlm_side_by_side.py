@@ -29,7 +29,8 @@ Training step (tokens/s over --steps timed steps after --warmup, device synchron
   (configs/config.yaml: precision bf16, gradient_clip_val 1.0, optim AdamW lr 3e-4 wd 0, EMA 0.9999):
   their ``training_step``'s ``loss.item()`` (its log call), backward, ``clip_grad_norm_`` 1.0, AdamW
   (torch defaults: foreach), a constant LR schedule, zero_grad, their ``models/ema.py`` update.
-  Their model's dropout is their ``small`` config's 0.1 unless ``--their-dropout`` says otherwise.
+  Their model's dropout is their ``small`` config's 0.1 unless ``--their-dropout`` says otherwise;
+  ours trains with the same dropout (like for like).
   Their code is run eager (their repo does not compile; their jit-scripted helpers stay scripted).
 - ``dlmtrain``: ``configs/model/mdlm_dit.yaml`` at the same sizes, objective mdlm (loglinear, eps
   1e-3, antithetic, no time conditioning; adaLN on sigma = 0 as theirs), our module's own
@@ -329,7 +330,7 @@ def build_ours(a, masked_head: bool, compile_: bool, device, ema: bool = True):
     cfg = load_config(None, [
         "objective=mdlm", "model=mdlm_dit", f"model.hidden_size={a.hidden}", f"model.n_layers={a.layers}",
         f"model.n_heads={a.heads}", f"model.cond_dim={a.cond_dim}", f"model.mlp_width={4 * a.hidden}",
-        f"model.vocab_size={a.vocab - 1}",
+        f"model.vocab_size={a.vocab - 1}", f"model.dropout={getattr(a, 'their_dropout', 0.0)}",  # like for like
         f"objective.masked_head={str(masked_head).lower()}", f"trainer.compile={str(compile_).lower()}",
         "optim.ema=" + ("0.9999" if ema else "0"), "optim.grad_clip=1.0"])
     module = build_module(cfg).to(device)
