@@ -44,7 +44,8 @@ def _rescale_loops(ck: dict, world: int) -> str | None:
 
     if not rescale_micro_batches(ck, was, now):
         return None
-    return f"micro-batch counters x{now}/{was} (gradient accumulation {was} on {world} ranks -> {now} on 1)"
+    factor = f"{now // was}" if now % was == 0 else f"{now}/{was}"
+    return f"micro-batch counters x{factor} (gradient accumulation {was} on {world} ranks -> {now} on 1)"
 
 
 def consolidate(src: str | Path, dst: str | Path, force: bool = False, say=print) -> Path:
