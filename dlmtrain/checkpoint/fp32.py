@@ -37,7 +37,6 @@ def _rescale_loops(ck: dict, world: int) -> str | None:
         t = OmegaConf.create(ck["dlmtrain_config"]).trainer
         gb, micro = int(t.global_batch_size), int(t.micro_batch_size)
         was, now = batch_split(gb, micro, world)[1], batch_split(gb, micro, 1)[1]
-        progress = ck["loops"]["fit_loop"]["epoch_loop.batch_progress"]
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
         return None
     from dlmtrain.checkpoint.compat import rescale_micro_batches

@@ -45,7 +45,7 @@ def job_config(config: str, overrides: list[str], args):
     """(Job, resolved config with num_nodes/devices of the job and an absolute run.dir), validated."""
     from dlmtrain.config import batch_split, load_config, validate
     from dlmtrain.distributed import check as check_strategy
-    from dlmtrain.train import precision, run_dir
+    from dlmtrain.train import run_dir
 
     cfg = load_config(config, overrides)
     job = job_from_args(args, _gpus_default(cfg))

@@ -31,14 +31,7 @@ pytestmark = pytest.mark.distributed
 SHARDED = ["deepspeed_zero2", "deepspeed_zero3", "fsdp"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import steps_worker  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from chain_oracles import one_thread  # noqa: E402,F401  (autouse: one thread for tiny tensors)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _batch(prompt=False):
     ([], False),
     (["objective.time_conditioning=true"], False),
     (["objective.time_conditioning=true"], True),
-    ([f"model.document_mask=true", f"model.eos_id={EOS}"], False),
+    (["model.document_mask=true", f"model.eos_id={EOS}"], False),
     (["objective.time_conditioning=true", "model.tie_weights=true", "model.head_bias=true"], True),
 ])
 def test_masked_head_loss_grads_and_nelbo_equal_full_path(extra, prompt):
@@ -97,7 +97,7 @@ def test_chunked_linear_nll_matches_cross_entropy_in_float64(chunk):
     assert gr[1][4].abs().max() == 0 and gr[2][4] == 0  # the excluded column gets no gradient
 
 
-@pytest.mark.parametrize("extra", [[], [f"model.document_mask=true", f"model.eos_id={EOS}"]])
+@pytest.mark.parametrize("extra", [[], ["model.document_mask=true", f"model.eos_id={EOS}"]])
 def test_validation_elbo_batch_equal_full_path_under_inference_mode(extra):
     # The path validation_step takes: elbo_batch under inference_mode (no autograd), padding, explicit
     # segment_ids (two documents per row, used under document masking), continuous and T-step draws.

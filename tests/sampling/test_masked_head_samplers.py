@@ -38,7 +38,7 @@ CASES = [
     (["objective.time_conditioning=true"], dict(sampler="confidence", steps=5, prompt_ids=[4, 5, 6], cfg_scale=1.5)),
     ([], dict(sampler="semi_ar", steps=8, block_len=5, inner="confidence", suffix_ids=[8, 9])),
     ([], dict(sampler="semi_ar", steps=16, block_len=4, inner="ancestral", prompt_ids=[4, 5])),
-    ([f"model.document_mask=true", f"model.eos_id={EOS}"], dict(sampler="confidence", steps=7, fixed={6: EOS})),
+    (["model.document_mask=true", f"model.eos_id={EOS}"], dict(sampler="confidence", steps=7, fixed={6: EOS})),
 ]
 
 
