@@ -62,6 +62,11 @@ class NonFiniteGuard(L.Callback):
         scaled = str(trainer.precision).startswith("16")
         gnorm, grads_ok = None, True
         if hasattr(optimizer, "has_overflow"):  # DeepSpeed ZeRO
+            engine = trainer.strategy.model
+            if hasattr(engine, "is_gradient_accumulation_boundary") and not engine.is_gradient_accumulation_boundary():
+                # DeepSpeed accumulates inside its engine, so Lightning calls this hook after every
+                # micro-batch; ZeRO's reduced gradients exist only at the boundary (before it: KeyError)
+                return
             grads_ok = scaled or not optimizer.has_overflow()
         elif not scaled:
             gnorm = self._grad_norm(optimizer)

@@ -119,6 +119,20 @@ class DeepSpeedStrategy(DirectoryCheckpoints, _LightningDeepSpeed):
                                                    optimizer=None, lr_scheduler=None, model_parameters=[],
                                                    dist_init_required=False)
 
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # Lightning's closure already divides the loss by the accumulation, for every strategy;
+        # DeepSpeed's engine.backward would divide it again (scale_wrt_gas): gradients 1/accum too
+        # small, which clipping and Adam's eps then treat differently from an unsharded run.
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        # DeepSpeed accumulates inside its engine, so Lightning calls this after every micro-batch;
+        # the module updates its EMA only after a step that changed the weights (base.optimizer_step)
+        self.weights_updated = bool(self.deepspeed_engine.was_step_applied())
+        return out
+
     def _initialize_deepspeed_train(self, model) -> None:
         super()._initialize_deepspeed_train(model)
         self._train_engine = self.model

@@ -161,7 +161,9 @@ class DiffusionModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        # a strategy that accumulates inside its engine (DeepSpeed) is called after every micro-batch
+        # and says whether this call changed the weights
+        if self.ema is not None and getattr(self.trainer.strategy, "weights_updated", True):
             self.ema.update(self.backbone)
 
     def configure_optimizers(self):

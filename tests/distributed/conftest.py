@@ -21,6 +21,9 @@ STEPS_RUNS = {
     "deepspeed_zero3": (2, ["strategy=deepspeed_zero3", "strategy.param_persistence_threshold=0",
                             "trainer.activation_checkpointing=true"]),
     "fsdp": (2, ["strategy=fsdp", "trainer.activation_checkpointing=true", "trainer.compile=true"]),
+    # micro-batch 2: 1 process accumulates 4, and ZeRO-2 on 2 ranks accumulates 2 inside DeepSpeed's engine
+    "one_micro2": (1, ["trainer.micro_batch_size=2"]),
+    "deepspeed_zero2_accum": (2, ["strategy=deepspeed_zero2", "trainer.micro_batch_size=2"]),
 }
 
 

@@ -55,3 +55,21 @@ def test_two_processes_match_one_on_the_same_global_batch(single, steps_run, str
         assert torch.allclose(ck["state_dict"][k].float(), v.float(), atol=5e-5, rtol=0), k
     for k, v in ref["ema"]["shadow"].items():
         assert torch.allclose(ck["ema"]["shadow"][k], v, atol=5e-5, rtol=0), k
+
+
+def test_zero2_with_gradient_accumulation_matches_one_process(steps_run):
+    """DeepSpeed accumulates inside its engine, so Lightning calls the step hooks after every
+    micro-batch. Three bugs this caught: the non-finite guard asked for ZeRO's reduced gradients
+    at every micro-batch (KeyError in has_overflow: no run with accumulation could train); the loss
+    was divided by the accumulation twice (Lightning and DeepSpeed's engine), which clipping turned
+    into other updates (loss of step 3 off by 1.5e-3); the EMA was updated after every micro-batch."""
+    ref = json.loads((steps_run("one_micro2") / "steps.json").read_text())
+    got = json.loads((steps_run("deepspeed_zero2_accum") / "steps.json").read_text())
+    assert got["step"] == ref["step"] == 3
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=0)
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5, abs=0)
+    assert got["probe_ema"] == pytest.approx(ref["probe_ema"], rel=1e-5, abs=0)
+    assert got["probe_raw"] == pytest.approx(ref["probe_raw"], rel=1e-5, abs=0)
+    assert ref["loss"][0] != pytest.approx(ref["loss"][2], rel=1e-3)
+    ck = read_whole(steps_run("deepspeed_zero2_accum") / "final.ckpt")
+    assert ck["global_step"] == 3 and ck["ema"]["num_updates"] == 3
