@@ -36,6 +36,16 @@ def chain_nll(x: torch.Tensor) -> torch.Tensor:
     return -lp
 
 
+def held_out_bound(per_seq: torch.Tensor, x: torch.Tensor) -> tuple[float, float, float, float]:
+    """(gap, gap_se, nelbo, nelbo_se) in nats/token for per-sequence bounds ``per_seq`` [N] of the
+    chain sequences ``x`` [N, L]: the bound's excess over the exact -log p(x), and the bound, each
+    with its standard error over sequences."""
+    n, rows = x.numel(), len(x)
+    diff = per_seq - chain_nll(x)
+    gap, gap_se = diff.sum().item() / n, diff.std().item() * math.sqrt(rows) / n
+    return gap, gap_se, per_seq.sum().item() / n, per_seq.std().item() * math.sqrt(rows) / n
+
+
 def exact_pair(L: int, i: int, j: int, fixed: dict | None = None) -> torch.Tensor:
     """The chain's exact joint of (x_i, x_j) given fixed positions, by enumeration [K, K]."""
     seqs = torch.cartesian_prod(*[torch.arange(K)] * L)

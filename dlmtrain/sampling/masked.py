@@ -7,9 +7,10 @@ SUBS (-inf on [MASK], unmasked tokens copied). A module with ``denoise_at = True
 ``objective.masked_head``: the output head runs only there). The loops ask only for the
 positions they draw or rank (ancestral: those revealed this step; first_hitting: one per row;
 confidence: the still-masked ones), so at vocabulary 50k the [B, L, V] head output, its
-log-softmax and the SUBS copy are never formed; the drawn tokens are the same (tests/sampling/
-test_masked_head_samplers.py). The reverse-process math is in dlmtrain/diffusion/masked.py; the loops are here. Conditioning tokens (prompt, suffix,
-fixed positions) are in z from the start, never change, and the model sees them.
+log-softmax and the SUBS copy are never formed; the drawn tokens are the same
+(tests/sampling/test_masked_head_samplers.py). The reverse-process math is in
+dlmtrain/diffusion/masked.py; the loops are here. Conditioning tokens (prompt, suffix, fixed
+positions) are in z from the start, never change, and the model sees them.
 
 What ``steps`` means, and the network evaluations (NFE) each sampler makes per batch
 (``SampleResult.nfe``; with ``cfg_scale > 0`` every evaluation is a pair and counts 2):

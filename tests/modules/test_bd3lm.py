@@ -5,11 +5,10 @@ import json
 import math
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
-from chain_oracles import P, chain_nll, one_thread, sample_chain  # noqa: F401
+from chain_oracles import P, chain_nll, held_out_bound, one_thread, sample_chain  # noqa: F401
 from dlmtrain import build_module, load_checkpoint, load_config
 from dlmtrain.backbone import KVCache
 from dlmtrain.cli import main
@@ -178,11 +177,8 @@ def test_tiny_run_validates_samples_resumes_and_its_held_out_bound_is_above_the_
     x = sample_chain(256, LT, torch.Generator().manual_seed(11))
     with torch.no_grad():
         per_seq = module.nelbo_draws(x, num_samples=8, generator=torch.Generator().manual_seed(12))[0].double().mean(1)
-    n = x.numel()
-    gap = (per_seq - chain_nll(x)).sum().item() / n
-    gap_se = (per_seq - chain_nll(x)).std().item() * math.sqrt(len(x)) / n
-    nelbo, nelbo_se = per_seq.sum().item() / n, per_seq.std().item() * math.sqrt(len(x)) / n
-    print(f"held-out bound {nelbo:.4f} ± {nelbo_se:.4f} nats/token, exact {chain_nll(x).sum().item() / n:.4f}")
+    gap, gap_se, nelbo, nelbo_se = held_out_bound(per_seq, x)
+    print(f"held-out bound {nelbo:.4f} ± {nelbo_se:.4f} nats/token, exact {chain_nll(x).sum().item() / x.numel():.4f}")
     assert gap > -3 * gap_se, (gap, gap_se)  # a bound: not below -log p(x) beyond noise
     assert nelbo + 3 * nelbo_se < 0.85 * math.log(4), (nelbo, nelbo_se)  # learned: well below log V
 
